@@ -1,0 +1,212 @@
+"""The onnxeps command line: score, plan and convert models.
+
+Exit codes: 0 success, 1 error (invalid or missing input, runtime failure), 2 usage
+error. ``score`` exits 1 when any model could not be scored; the others are still
+reported. Records go to stdout (or -o FILE); logs, warnings and summaries to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from onnxeps.errors import OnnxepsError
+from onnxeps.inputs import SYNTHETIC_KINDS
+from onnxeps.presets import PRESETS
+from onnxeps.report import FORMATS, format_from_path, render, write_output
+from onnxeps.runtime import DEVICES
+from onnxeps.score import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SEED,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_TIMEOUT,
+    ScoreResult,
+    score,
+)
+
+log = logging.getLogger("onnxeps")
+
+SCORE_COLUMNS = [
+    "model", "sha256", "epsilon", "reason", "weights", "batch_size", "input", "output",
+    "preset", "provider", "warnings", "seconds",
+]  # fmt: skip
+SCORE_TABLE_COLUMNS = ["model", "epsilon", "reason", "batch_size", "input", "provider", "seconds"]
+PLAN_COLUMNS = [
+    "model", "tensor", "graph", "source", "shape", "dtype", "role", "action", "reason",
+    "split",
+]  # fmt: skip
+PLAN_TABLE_COLUMNS = ["tensor", "shape", "dtype", "role", "action", "reason"]
+_LEVELS = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname_lower = record.levelname.lower()
+        return super().format(record)
+
+
+def _configure_logging(verbose: int, quiet: int) -> None:
+    level = _LEVELS[max(-1, min(2, verbose - quiet))]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(levelname_lower)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _parse_floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of numbers (e.g. 0.49,0.48,0.45)."
+        ) from None
+    return numbers
+
+
+def _verbosity(function):
+    function = click.option(
+        "-q", "--quiet", count=True, help="Log less (errors only)."
+    )(function)
+    return click.option(
+        "-v", "--verbose", count=True, help="Log more: -v for progress, -vv for debug."
+    )(function)
+
+
+def _output_options(function):
+    function = click.option(
+        "-o",
+        "--output",
+        "output_path",
+        type=click.Path(dir_okay=False, writable=True),
+        help="Write records to FILE (atomically) instead of stdout.",
+    )(function)
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        help="Record format; default: from the -o extension, else table.",
+    )(function)
+
+
+def _resolve_format(fmt: str | None, output_path: str | None, models) -> str:
+    if output_path is not None and any(
+        Path(output_path).resolve() == Path(m).resolve() for m in models
+    ):
+        raise click.UsageError(f"-o {output_path} would overwrite an input model.")
+    if fmt is not None:
+        return fmt
+    if output_path is None:
+        return "table"
+    found = format_from_path(output_path)
+    if found is None:
+        raise click.UsageError(
+            f"cannot tell the format of {output_path!r} from its extension; pass "
+            f"--format ({', '.join(FORMATS)})."
+        )
+    return found
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxeps")
+def main() -> None:
+    """Score neural-network architectures from ONNX files with epsilon (epsinas)."""
+
+
+def _report_error(model: str, error: Exception) -> None:
+    text = str(error)
+    if isinstance(error, OnnxepsError):
+        message = text if text.startswith(model) else f"{model}: {text}"
+        log.error("%s", message)
+    else:
+        log.error(
+            "%s: internal error (%s: %s); rerun with -vv for the traceback",
+            model, type(error).__name__, text,
+        )  # fmt: skip
+        log.debug("traceback", exc_info=error)
+
+
+def _summarise(results: list[ScoreResult], total: int) -> None:
+    defined = sum(1 for r in results if r.defined)
+    failed = total - len(results)
+    log.warning(
+        "coverage: %d/%d models have a defined epsilon (%d undefined, %d failed); "
+        "undefined scores are null in the records",
+        defined, total, len(results) - defined, failed,
+    )  # fmt: skip
+
+
+@main.command("score")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--weights", nargs=2, type=float, help="The two constant weights w1 w2. [default: 1e-7 1, or the preset's]")
+@click.option("--input", "input_path", type=click.Path(), help="Input batch: .npy, or .npz with one array per model input.")
+@click.option("--synthetic", type=click.Choice(SYNTHETIC_KINDS), help="Synthetic input kind for every input. [default: grey for float inputs, tokens for integer inputs]")
+@click.option("--batch-size", type=click.IntRange(min=1), help=f"Samples in the batch. [default: {DEFAULT_BATCH_SIZE}, or all samples of --input]")
+@click.option("--seq-len", type=click.IntRange(min=1), default=DEFAULT_SEQ_LEN, show_default=True, help="Length of symbolic sequence axes of synthetic inputs.")
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of synthetic inputs and embedding tables.")
+@click.option("--output-name", help="Tensor to score. [default: the first graph output, or the preset's]")
+@click.option("--mean", callback=_parse_floats, help="Per-channel mean in [0, 1] units for uint8 NHWC images, e.g. 0.49,0.48,0.45.")
+@click.option("--std", callback=_parse_floats, help="Per-channel std in [0, 1] units for uint8 NHWC images.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), help="Reference settings of a benchmark's experiments; explicit options override them.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Execution provider.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT, show_default=True, help="Seconds allowed per model.")
+@click.option("--strict", is_flag=True, help="Fail on float tensors the planner cannot classify.")
+@_output_options
+@_verbosity
+def score_command(models, input_path, synthetic, fmt, output_path, verbose, quiet, **options) -> None:
+    """Score each MODEL (.onnx) with epsilon."""
+    _configure_logging(verbose, quiet)
+    fmt = _resolve_format(fmt, output_path, models)
+    if input_path is not None and synthetic is not None:
+        raise click.UsageError("give --input or --synthetic, not both.")
+    results: list[ScoreResult] = []
+    for index, model in enumerate(models, start=1):
+        log.info("[%d/%d] scoring %s", index, len(models), model)
+        try:
+            result = score(model, input_path, synthetic=synthetic, **options)
+        except Exception as error:  # one failing model must not stop the others
+            _report_error(model, error)
+            continue
+        for warning in result.warnings:
+            log.warning("%s: %s", model, warning)
+        results.append(result)
+    records = [result.record() for result in results]
+    write_output(render(records, fmt, SCORE_COLUMNS, SCORE_TABLE_COLUMNS), output_path)
+    if len(models) > 1:
+        _summarise(results, len(models))
+    if len(results) < len(models):
+        sys.exit(1)
+
+
+@main.command("plan")
+@click.argument("model", type=click.Path())
+@click.option("--preset", type=click.Choice(list(PRESETS)), help="Use a benchmark's roles (nlp: recurrent biases and states take w).")
+@click.option("--strict", is_flag=True, help="Exit 1 when a float tensor cannot be classified.")
+@_output_options
+@_verbosity
+def plan_command(model, preset, strict, fmt, output_path, verbose, quiet) -> None:
+    """Print every float tensor of MODEL with its shape, role, action and reason."""
+    from onnxeps import plan as build
+
+    _configure_logging(verbose, quiet)
+    fmt = _resolve_format(fmt, output_path, [model])
+    recurrent = preset is not None and PRESETS[preset].recurrent_as_weight
+    try:
+        result = build(model, recurrent_as_weight=recurrent)
+    except OnnxepsError as error:
+        _report_error(model, error)
+        sys.exit(1)
+    records = [{"model": model, **entry.record()} for entry in result.entries]
+    write_output(render(records, fmt, PLAN_COLUMNS, PLAN_TABLE_COLUMNS), output_path)
+    for warning in result.warnings:
+        log.warning("%s: %s", model, warning)
+    if result.quantized:
+        log.warning("%s: quantized weights (%s); score rejects this model", model, ", ".join(result.quantized[:3]))
+    if strict and result.unclassified():
+        log.error("%s: %d unclassified float tensors and --strict is set", model, len(result.unclassified()))
+        sys.exit(1)

@@ -1,0 +1,97 @@
+"""Walk an ONNX model: its graphs (subgraphs of If, Loop and Scan included), tensors and
+consumers. Names are assumed unique across the whole model, as ONNX requires."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import onnx
+
+__all__ = [
+    "GraphRef",
+    "Use",
+    "iter_graphs",
+    "iter_tensors",
+    "consumer_map",
+    "main_opset",
+    "model_input_names",
+]
+
+
+@dataclass(frozen=True)
+class GraphRef:
+    """A graph of the model and where it sits: ``main`` or ``main/<node>.<attribute>``."""
+
+    path: str
+    graph: onnx.GraphProto
+
+
+@dataclass(frozen=True)
+class Use:
+    """One input slot of one node that reads a tensor."""
+
+    node: onnx.NodeProto
+    slot: int
+    graph_path: str
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            yield attribute.name, attribute.g
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            for index, graph in enumerate(attribute.graphs):
+                yield f"{attribute.name}[{index}]", graph
+
+
+def iter_graphs(model: onnx.ModelProto) -> Iterator[GraphRef]:
+    """Yield the main graph, then every subgraph depth first in node order."""
+    stack = [GraphRef("main", model.graph)]
+    while stack:
+        ref = stack.pop()
+        yield ref
+        children = []
+        for node in ref.graph.node:
+            for attribute_name, graph in _subgraphs(node):
+                label = node.name or node.op_type
+                children.append(GraphRef(f"{ref.path}/{label}.{attribute_name}", graph))
+        stack.extend(reversed(children))
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Yield every TensorProto of the model: initializers and Constant-node values."""
+    for ref in iter_graphs(model):
+        yield from ref.graph.initializer
+        for node in ref.graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    yield attribute.t
+                elif attribute.type == onnx.AttributeProto.TENSORS:
+                    yield from attribute.tensors
+
+
+def consumer_map(model: onnx.ModelProto) -> dict[str, list[Use]]:
+    """Map each tensor name to the node inputs that read it, across all graphs."""
+    uses: dict[str, list[Use]] = defaultdict(list)
+    for ref in iter_graphs(model):
+        for node in ref.graph.node:
+            for slot, name in enumerate(node.input):
+                if name:
+                    uses[name].append(Use(node, slot, ref.path))
+    return uses
+
+
+def main_opset(model: onnx.ModelProto) -> int:
+    """Return the opset version of the default ONNX domain."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def model_input_names(graph: onnx.GraphProto) -> list[str]:
+    """Return the graph inputs that must be fed: inputs that are not initializers."""
+    initializers = {tensor.name for tensor in graph.initializer}
+    return [value.name for value in graph.input if value.name not in initializers]

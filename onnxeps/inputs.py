@@ -1,0 +1,366 @@
+"""The input batch: read from .npy/.npz files or arrays, or synthesised per model input.
+
+Synthetic kinds: ``grey`` (sample i is the constant i/B in every element), ``normal``
+(standard normal), ``uniform`` (U[0, 1)), ``tokens`` (integer ids below the vocabulary
+size of the embedding that reads the input). Random kinds draw from the run's generator
+in model-input order, before the embedding tables are filled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxeps.errors import InputError
+from onnxeps.graphs import consumer_map
+from onnxeps.plan import Plan
+from onnxeps.roles import PASS_THROUGH, Role
+
+__all__ = [
+    "InputSpec",
+    "Batch",
+    "SYNTHETIC_KINDS",
+    "input_specs",
+    "synthetic_batch",
+    "batch_from_arrays",
+    "read_array_file",
+]
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_KINDS = ("grey", "normal", "uniform", "tokens")
+_BATCH_WORDS = ("batch", "n")
+_SEQUENCE_WORDS = ("seq", "time", "len", "step", "token", "word", "sentence")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input that must be fed: name, element type and declared shape."""
+
+    name: str
+    elem_type: int
+    shape: tuple[int | str | None, ...] | None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+    def describe_shape(self) -> str:
+        if self.shape is None:
+            return "(unknown rank)"
+        dims = ["?" if d is None else str(d) for d in self.shape]
+        return "(" + ", ".join(dims) + ")"
+
+
+@dataclass
+class Batch:
+    """The feeds for both runs, how they were made, and the batch size."""
+
+    feeds: dict[str, np.ndarray]
+    description: str
+    batch_size: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """Return the inputs to feed (graph inputs that are not initializers)."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        if not value.type.HasField("tensor_type"):
+            raise InputError(
+                f"model input '{value.name}' is not a tensor; onnxeps feeds tensors only."
+            )
+        tensor_type = value.type.tensor_type
+        shape = None
+        if tensor_type.HasField("shape"):
+            shape = tuple(_dim(d) for d in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, tensor_type.elem_type, shape))
+    return specs
+
+
+def _dim(dim) -> int | str | None:
+    if dim.HasField("dim_value"):
+        return dim.dim_value
+    if dim.HasField("dim_param"):
+        return dim.dim_param
+    return None
+
+
+def _axis_kind(name: str | None, position: int, first_free: bool) -> str:
+    """Return 'batch' or 'sequence' for a symbolic axis."""
+    lowered = (name or "").lower()
+    if any(word in lowered for word in _SEQUENCE_WORDS):
+        return "sequence"
+    if lowered in _BATCH_WORDS or "batch" in lowered:
+        return "batch"
+    return "batch" if first_free else "sequence"
+
+
+def _resolve_shape(
+    spec: InputSpec, batch_size: int, seq_len: int, warnings: list[str]
+) -> tuple[tuple[int, ...], int]:
+    """Fill symbolic axes; return the concrete shape and the batch axis."""
+    if spec.shape is None:
+        raise InputError(
+            f"model input '{spec.name}' has no declared shape, so no synthetic batch "
+            "can be made for it.",
+            "Pass --input with an array for it.",
+        )
+    shape: list[int] = []
+    batch_axis = None
+    for position, dim in enumerate(spec.shape):
+        if isinstance(dim, int):
+            shape.append(dim)
+            continue
+        kind = _axis_kind(dim, position, batch_axis is None)
+        if kind == "batch" and batch_axis is None:
+            batch_axis = position
+            shape.append(batch_size)
+        else:
+            shape.append(seq_len)
+    if batch_axis is None:
+        batch_axis = 0
+        if shape and shape[0] != batch_size:
+            warnings.append(
+                f"input '{spec.name}' has a fixed batch axis of {shape[0]}; scored at "
+                "that batch size (small batches weaken the metric)"
+            )
+    return tuple(shape), batch_axis
+
+
+def _grey(shape: tuple[int, ...], batch_axis: int, dtype: np.dtype) -> np.ndarray:
+    size = shape[batch_axis] if shape else 1
+    ramp = np.arange(size, dtype=np.float64) / max(size, 1)
+    view = [1] * len(shape)
+    if shape:
+        view[batch_axis] = size
+    return np.broadcast_to(ramp.reshape(view), shape).astype(dtype)
+
+
+def _vocabulary_size(spec: InputSpec, model, plan: Plan) -> int | None:
+    """Return the row count of the smallest embedding table indexed by this input."""
+    tables = {e.tensor: e.shape for e in plan.entries if e.role is Role.EMBEDDING}
+    consumers = consumer_map(model)
+    sizes = []
+    pending, seen = [spec.name], set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for use in consumers.get(name, []):
+            node = use.node
+            if node.op_type == "Gather" and use.slot == 1 and node.input[0] in tables:
+                sizes.append(tables[node.input[0]][0])
+            elif node.op_type in PASS_THROUGH and use.slot == 0:
+                pending.extend(node.output)
+    return min(sizes) if sizes else None
+
+
+def _synthesise(spec, kind, shape, batch_axis, rng, vocabulary) -> np.ndarray:
+    dtype = spec.dtype
+    if dtype == np.bool_:
+        return np.ones(shape, dtype=np.bool_)
+    if kind == "tokens":
+        return rng.integers(0, vocabulary, size=shape).astype(dtype)
+    if kind == "grey":
+        return _grey(shape, batch_axis, dtype)
+    if kind == "normal":
+        return rng.standard_normal(shape).astype(dtype)
+    return rng.random(shape).astype(dtype)
+
+
+def _kind_for(spec: InputSpec, requested: str | None, vocabulary: int | None) -> str:
+    """Choose the synthetic kind for one input, or fail with the reason."""
+    dtype = spec.dtype
+    if dtype == np.bool_:
+        return "ones"
+    if np.issubdtype(dtype, np.integer):
+        if vocabulary is None:
+            raise InputError(
+                f"cannot synthesise integer input '{spec.name}': no embedding table "
+                "reads it, so the range of valid ids is unknown.",
+                "Pass --input with an array for it.",
+            )
+        return "tokens"
+    if not np.issubdtype(dtype, np.floating):
+        raise InputError(
+            f"cannot synthesise input '{spec.name}' of type {dtype.name}.",
+            "Pass --input with an array for it.",
+        )
+    if requested == "tokens":
+        raise InputError(
+            f"--synthetic tokens needs integer inputs, but input '{spec.name}' is "
+            f"{dtype.name}.",
+            "Use grey, normal or uniform for float inputs.",
+        )
+    return requested or "grey"
+
+
+def synthetic_batch(
+    model: onnx.ModelProto,
+    plan: Plan,
+    kind: str | None,
+    batch_size: int,
+    seq_len: int,
+    rng: np.random.Generator,
+) -> Batch:
+    """Make a synthetic batch for every model input (``kind`` None: by dtype)."""
+    feeds: dict[str, np.ndarray] = {}
+    labels: list[str] = []
+    warnings: list[str] = []
+    sizes: list[int] = []
+    for spec in input_specs(model):
+        vocabulary = _vocabulary_size(spec, model, plan)
+        chosen = _kind_for(spec, kind, vocabulary)
+        shape, batch_axis = _resolve_shape(spec, batch_size, seq_len, warnings)
+        feeds[spec.name] = _synthesise(spec, chosen, shape, batch_axis, rng, vocabulary)
+        labels.append(f"{spec.name}={chosen}")
+        sizes.append(shape[batch_axis] if shape else 1)
+    description = "synthetic:" + ",".join(labels)
+    return Batch(feeds, description, sizes[0] if sizes else batch_size, warnings)
+
+
+def read_array_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a .npy (one array, named ``x``) or .npz file; never unpickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: input file not found.")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise InputError(
+            f"{path}: not a readable .npy or .npz file ({error}).",
+            "Save the batch with numpy.save or numpy.savez.",
+        ) from error
+    if isinstance(loaded, np.ndarray):
+        return {"x": loaded}
+    with loaded:
+        try:
+            return {name: loaded[name] for name in loaded.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as error:
+            raise InputError(f"{path}: an array in the file cannot be read ({error}).") from error
+
+
+def _pick_arrays(specs, arrays: dict[str, np.ndarray], origin: str) -> dict[str, np.ndarray]:
+    if len(specs) == 1:
+        name = specs[0].name
+        if name in arrays:
+            return {name: arrays[name]}
+        if "x" in arrays:
+            return {name: arrays["x"]}
+        if len(arrays) == 1:
+            return {name: next(iter(arrays.values()))}
+        raise InputError(
+            f"{origin}: holds arrays {', '.join(sorted(arrays))}; none is named "
+            f"'{name}' or 'x'.",
+            f"Name the array for model input '{name}' after it.",
+        )
+    missing = [spec.name for spec in specs if spec.name not in arrays]
+    if missing:
+        raise InputError(
+            f"{origin}: no array for model inputs {', '.join(missing)} (arrays: "
+            f"{', '.join(sorted(arrays)) or 'none'}).",
+            "Store one array per model input, named after the input.",
+        )
+    return {spec.name: arrays[spec.name] for spec in specs}
+
+
+def _is_nhwc_image(spec: InputSpec, array: np.ndarray) -> bool:
+    if array.dtype != np.uint8 or array.ndim != 4 or spec.shape is None:
+        return False
+    if len(spec.shape) != 4 or not np.issubdtype(spec.dtype, np.floating):
+        return False
+    channels = spec.shape[1]
+    if isinstance(channels, int):
+        return array.shape[3] == channels and array.shape[1] != channels
+    return array.shape[3] in (1, 3, 4)
+
+
+def _normalise_image(array, mean, std, spec, warnings) -> np.ndarray:
+    images = array.transpose(0, 3, 1, 2).astype(np.float64) / 255.0
+    channels = images.shape[1]
+    if mean is None and std is None:
+        warnings.append(
+            f"uint8 images for input '{spec.name}' scaled to [0, 1] without mean/std "
+            "normalisation; pass --mean and --std"
+        )
+    for label, values in (("--mean", mean), ("--std", std)):
+        if values is not None and len(values) not in (1, channels):
+            raise InputError(
+                f"{label} has {len(values)} values but the images have {channels} channels."
+            )
+    if mean is not None:
+        images = images - np.asarray(mean, dtype=np.float64).reshape(1, -1, 1, 1)
+    if std is not None:
+        images = images / np.asarray(std, dtype=np.float64).reshape(1, -1, 1, 1)
+    return images.astype(spec.dtype)
+
+
+def _check_array(spec: InputSpec, array: np.ndarray, origin: str) -> np.ndarray:
+    """Check rank, fixed dims and dtype kind; cast within the same kind."""
+    shape_text = "(" + ", ".join(str(d) for d in array.shape) + ")"
+    mismatch = spec.shape is not None and (
+        len(spec.shape) != array.ndim
+        or any(isinstance(d, int) and d != a for d, a in zip(spec.shape, array.shape))
+    )
+    if mismatch:
+        raise InputError(
+            f"{origin}: model input '{spec.name}' has shape {spec.describe_shape()}, "
+            f"but the array has shape {shape_text}.",
+            "Pass an array of the model's shape.",
+        )
+    want, have = spec.dtype, array.dtype
+    same_kind = (
+        (np.issubdtype(want, np.floating) and np.issubdtype(have, np.floating))
+        or (np.issubdtype(want, np.integer) and np.issubdtype(have, np.integer))
+        or (want == np.bool_ and have == np.bool_)
+    )
+    if not same_kind:
+        raise InputError(
+            f"{origin}: model input '{spec.name}' is {want.name}, but the array is "
+            f"{have.name}.",
+            "Convert the array to the model's type before scoring.",
+        )
+    return np.ascontiguousarray(array.astype(want, copy=False))
+
+
+def batch_from_arrays(
+    model: onnx.ModelProto,
+    arrays: dict[str, np.ndarray],
+    origin: str,
+    description: str,
+    batch_size: int | None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> Batch:
+    """Build feeds from user arrays; ``batch_size`` keeps the first samples."""
+    specs = input_specs(model)
+    picked = _pick_arrays(specs, arrays, origin)
+    feeds: dict[str, np.ndarray] = {}
+    warnings: list[str] = []
+    for spec in specs:
+        array = np.asarray(picked[spec.name])
+        if _is_nhwc_image(spec, array):
+            array = _normalise_image(array, mean, std, spec, warnings)
+        if batch_size is not None and array.ndim > 0:
+            if array.shape[0] < batch_size:
+                raise InputError(
+                    f"{origin}: the array for input '{spec.name}' holds "
+                    f"{array.shape[0]} samples, fewer than --batch-size {batch_size}."
+                )
+            array = array[:batch_size]
+        feeds[spec.name] = _check_array(spec, array, origin)
+    first = next(iter(feeds.values()), None)
+    size = int(first.shape[0]) if first is not None and first.ndim else 1
+    return Batch(feeds, description, size, warnings)

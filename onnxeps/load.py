@@ -1,0 +1,127 @@
+"""Load an ONNX model from a path or from memory and identify it by SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from onnxeps.errors import ModelLoadError
+from onnxeps.graphs import iter_tensors
+
+__all__ = ["LoadedModel", "load_model", "PROTO_LIMIT_BYTES"]
+
+log = logging.getLogger(__name__)
+
+# Protobuf cannot serialise a message of 2 GiB or more; larger models keep their tensors
+# in external data files and are checked by path.
+PROTO_LIMIT_BYTES = 2**31 - 1
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+@dataclass
+class LoadedModel:
+    """A parsed model with its identity.
+
+    Tensors stored as external data stay external (only their references are loaded);
+    ``base_dir`` resolves them.
+    """
+
+    proto: onnx.ModelProto
+    sha256: str
+    label: str
+    base_dir: Path | None
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as stream:
+            while chunk := stream.read(_HASH_CHUNK_BYTES):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _external_locations(model: onnx.ModelProto) -> list[str]:
+    """Return each external-data file name once, in the order the model references it."""
+    locations: list[str] = []
+    for tensor in iter_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        if info.location not in locations:
+            locations.append(info.location)
+    return locations
+
+
+def _resolve_external(path: Path, location: str) -> Path:
+    base = path.parent.resolve()
+    candidate = (base / location).resolve()
+    if base not in candidate.parents:
+        raise ModelLoadError(
+            f"{path}: external data location {location!r} points outside the model's "
+            "folder.",
+            "Keep external data files beside the .onnx file.",
+        )
+    if not candidate.is_file():
+        raise ModelLoadError(
+            f"{path}: external data file {location!r} not found beside the model.",
+            "Copy the .onnx file together with its external data files.",
+        )
+    return candidate
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, TypeError, OSError) as error:
+        raise ModelLoadError(
+            f"{path}: not a valid ONNX model ({type(error).__name__}: {error}).",
+            "Check that the file is a complete .onnx export.",
+        ) from error
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise ModelLoadError(
+            f"{path}: not a valid ONNX model (no graph or no IR version).",
+            "Check that the file is a complete .onnx export.",
+        )
+    return model
+
+
+def _load_path(path: Path) -> LoadedModel:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: file not found.")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a file.")
+    model = _parse(path)
+    externals = [_resolve_external(path, loc) for loc in _external_locations(model)]
+    sha = _hash_files([path, *externals])
+    log.debug("loaded %s (%d external files, sha256 %s)", path, len(externals), sha)
+    return LoadedModel(model, sha, str(path), path.parent)
+
+
+def load_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
+    """Load a model from a path (external data beside it) or take a ModelProto.
+
+    The SHA-256 covers the file's bytes followed by each external-data file's bytes in the
+    order the model references them; for an in-memory model it covers the serialised proto.
+    A ModelProto is copied, so later rewrites never touch the caller's object.
+    """
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        try:
+            data = copy.SerializeToString()
+        except ValueError as error:
+            raise ModelLoadError(
+                f"in-memory model cannot be serialised ({error}).",
+                "Save models over 2 GB with external data and pass the path.",
+            ) from error
+        sha = hashlib.sha256(data).hexdigest()
+        return LoadedModel(copy, sha, copy.graph.name or "<in-memory model>", None)
+    return _load_path(Path(model))

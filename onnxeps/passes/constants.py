@@ -1,0 +1,145 @@
+"""Set the constants the metric prescribes: weights to w, biases to 0, embeddings to
+U(0, 1) values drawn once from the seed.
+
+:class:`ApplyConstants` runs first on the model the plan was built on (it reads the
+plan's node references). It zeroes biases, fills embeddings, turns Constant-node weights
+into initializers and splits constants read in several roles; it leaves the tensors
+that take w as placeholders named in ``weight_tensors``. :func:`fill_weights` then makes
+one model per weight value from that template.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxeps.errors import RewriteError
+from onnxeps.graphs import iter_graphs
+from onnxeps.infer import infer_types
+from onnxeps.passes.base import NameScope
+from onnxeps.plan import Plan, PlanEntry
+from onnxeps.roles import Action
+
+__all__ = ["ApplyConstants", "fill_weights"]
+
+log = logging.getLogger(__name__)
+
+_REWRITTEN = (Action.WEIGHT, Action.ZERO, Action.UNIFORM)
+
+
+def _np_dtype(elem_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def _filled(name: str, shape, elem_type: int, action: Action, rng, weight=0.0):
+    """Make the tensor an action prescribes (the weight placeholder holds zeros)."""
+    dtype = _np_dtype(elem_type)
+    if action is Action.UNIFORM:
+        values = rng.random(tuple(shape)).astype(dtype)
+    elif action is Action.WEIGHT:
+        values = np.full(tuple(shape), weight, dtype=dtype)
+    else:
+        values = np.zeros(tuple(shape), dtype=dtype)
+    return numpy_helper.from_array(values, name)
+
+
+class ApplyConstants:
+    """Rewrite the constants of a plan in place; collect the names that take w."""
+
+    name = "apply-constants"
+
+    def __init__(self, plan: Plan, rng: np.random.Generator) -> None:
+        self.plan = plan
+        self.rng = rng
+        self.weight_tensors: list[str] = []
+
+    def __call__(self, model: onnx.ModelProto) -> bool:
+        entries = [e for e in self.plan.entries if e.action in _REWRITTEN]
+        if not entries:
+            return False
+        graphs = {ref.path: ref.graph for ref in iter_graphs(model)}
+        names = NameScope(model)
+        types = infer_types(model) if any(e.split for e in entries) else {}
+        constant_nodes: set[str] = set()
+        for entry in entries:
+            graph = graphs[entry.graph]
+            if entry.split:
+                self._split(entry, graphs, names, types)
+            elif entry.source == "initializer":
+                self._replace_initializer(graph, entry)
+            else:
+                constant_nodes.add(entry.tensor)
+                self._add_initializer(graph, entry.tensor, entry)
+        _drop_constant_nodes(model, constant_nodes)
+        return True
+
+    def _new_tensor(self, name: str, shape, elem_type: int, action: Action):
+        if action is Action.WEIGHT:
+            self.weight_tensors.append(name)
+        return _filled(name, shape, elem_type, action, self.rng)
+
+    def _replace_initializer(self, graph: onnx.GraphProto, entry: PlanEntry) -> None:
+        tensor = next(t for t in graph.initializer if t.name == entry.tensor)
+        new = self._new_tensor(tensor.name, tensor.dims, tensor.data_type, entry.action)
+        tensor.CopyFrom(new)
+
+    def _add_initializer(self, graph, name: str, entry: PlanEntry) -> None:
+        elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(entry.dtype))
+        graph.initializer.append(self._new_tensor(name, entry.shape, elem_type, entry.action))
+
+    def _split(self, entry: PlanEntry, graphs, names: NameScope, types) -> None:
+        """Give every operator input of this role its own rewritten copy."""
+        for terminal in entry.uses:
+            node, slot = terminal.use.node, terminal.use.slot
+            read = node.input[slot]
+            shape, elem_type = _value_type(read, entry, types)
+            fresh = names.fresh(f"{entry.tensor}/{entry.role}")
+            tensor = self._new_tensor(fresh, shape, elem_type, entry.action)
+            graphs[terminal.use.graph_path].initializer.append(tensor)
+            node.input[slot] = fresh
+            log.debug("split '%s': %s reads '%s'", entry.tensor, terminal.describe(), fresh)
+
+
+def _value_type(name: str, entry: PlanEntry, types) -> tuple[tuple[int, ...], int]:
+    """Return the static shape and element type of the value an operator input reads."""
+    if name == entry.tensor:
+        return entry.shape, helper.np_dtype_to_tensor_dtype(np.dtype(entry.dtype))
+    found = types.get(name)
+    if found is None or found.shape is None or not all(
+        isinstance(d, int) for d in found.shape
+    ):
+        raise RewriteError(
+            f"tensor '{entry.tensor}' is read in several roles, and the shape of "
+            f"'{name}' derived from it is not static, so it cannot be split.",
+            "Export the model with separate tensors for each role.",
+        )
+    return tuple(found.shape), found.elem_type
+
+
+def _drop_constant_nodes(model: onnx.ModelProto, outputs: set[str]) -> None:
+    if not outputs:
+        return
+    # Children first: rebuilding a parent node list copies its subgraphs.
+    for ref in reversed(list(iter_graphs(model))):
+        kept = [n for n in ref.graph.node if not (n.op_type == "Constant" and n.output[0] in outputs)]
+        if len(kept) != len(ref.graph.node):
+            del ref.graph.node[:]
+            ref.graph.node.extend(kept)
+
+
+def fill_weights(template: onnx.ModelProto, names: list[str], weight: float):
+    """Return a copy of the template whose weight placeholders hold ``weight``."""
+    model = onnx.ModelProto()
+    model.CopyFrom(template)
+    wanted = set(names)
+    for ref in iter_graphs(model):
+        for tensor in ref.graph.initializer:
+            if tensor.name in wanted:
+                filled = _filled(
+                    tensor.name, tensor.dims, tensor.data_type, Action.WEIGHT, None, weight
+                )
+                tensor.CopyFrom(filled)
+    return model

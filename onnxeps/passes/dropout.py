@@ -1,0 +1,54 @@
+"""Remove Dropout: the metric runs the network without train-time noise."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from onnxeps.graphs import consumer_map, iter_graphs
+from onnxeps.passes.base import NameScope
+
+__all__ = ["RemoveDropout"]
+
+
+class RemoveDropout:
+    """Replace every Dropout by Identity; a used mask output becomes all true."""
+
+    name = "remove-dropout"
+
+    def __call__(self, model: onnx.ModelProto) -> bool:
+        consumers = consumer_map(model)
+        graph_outputs = {v.name for ref in iter_graphs(model) for v in ref.graph.output}
+        names = NameScope(model)
+        changed = False
+        # Children first: rebuilding a parent node list copies its subgraphs.
+        for ref in reversed(list(iter_graphs(model))):
+            nodes = []
+            for node in ref.graph.node:
+                if node.op_type == "Dropout" and node.domain in ("", "ai.onnx"):
+                    nodes.extend(_replacement(node, consumers, graph_outputs, names))
+                else:
+                    nodes.append(node)
+            if len(nodes) != len(ref.graph.node) or any(
+                n.op_type == "Dropout" for n in ref.graph.node
+            ):
+                del ref.graph.node[:]
+                ref.graph.node.extend(nodes)
+                changed = True
+        return changed
+
+
+def _replacement(node, consumers, graph_outputs, names) -> list[onnx.NodeProto]:
+    label = node.name or node.output[0]
+    nodes = [helper.make_node("Identity", [node.input[0]], [node.output[0]], name=label)]
+    mask = node.output[1] if len(node.output) > 1 else ""
+    if mask and (consumers.get(mask) or mask in graph_outputs):
+        shape = names.fresh(f"{mask}/shape")
+        nodes.append(helper.make_node("Shape", [node.input[0]], [shape], name=shape))
+        true = helper.make_tensor("value", onnx.TensorProto.BOOL, [1], [True])
+        nodes.append(
+            helper.make_node(
+                "ConstantOfShape", [shape], [mask], name=names.fresh(mask), value=true
+            )
+        )
+    return nodes

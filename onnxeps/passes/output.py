@@ -1,0 +1,93 @@
+"""Expose the scored tensor as the only graph output and drop what does not feed it."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+from onnxeps.errors import OnnxepsError
+from onnxeps.infer import infer_types
+
+__all__ = ["ExposeOutput", "PruneUnused", "scored_output_name"]
+
+log = logging.getLogger(__name__)
+
+
+class UnknownOutputError(OnnxepsError):
+    """The requested output tensor does not exist in the main graph."""
+
+
+def scored_output_name(model: onnx.ModelProto, requested: str | None) -> str:
+    """Return the tensor to score: ``requested``, or the first graph output."""
+    outputs = [value.name for value in model.graph.output]
+    if requested is None:
+        if not outputs:
+            raise OnnxepsError(
+                "the model has no graph outputs, so there is nothing to score.",
+                "Pass --output-name with a node output of the main graph.",
+            )
+        return outputs[0]
+    produced = {name for node in model.graph.node for name in node.output if name}
+    if requested in outputs or requested in produced:
+        return requested
+    close = difflib.get_close_matches(requested, sorted(produced | set(outputs)), n=3)
+    suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise UnknownOutputError(
+        f"output '{requested}' not found in the model; graph outputs are "
+        f"{', '.join(repr(o) for o in outputs) or 'none'}, and any of the "
+        f"{len(produced)} node outputs of the main graph can be scored.{suggestion}"
+    )
+
+
+class ExposeOutput:
+    """Make the scored tensor the only output of the main graph."""
+
+    name = "expose-output"
+
+    def __init__(self, output_name: str) -> None:
+        self.output_name = output_name
+
+    def __call__(self, model: onnx.ModelProto) -> bool:
+        graph = model.graph
+        if [value.name for value in graph.output] == [self.output_name]:
+            return False
+        existing = {value.name: value for value in graph.output}
+        if self.output_name in existing:
+            value = existing[self.output_name]
+        else:
+            found = infer_types(model).get(self.output_name)
+            if found is None:
+                value = helper.make_empty_tensor_value_info(self.output_name)
+            else:
+                value = helper.make_tensor_value_info(self.output_name, found.elem_type, None)
+        kept = onnx.ValueInfoProto()
+        kept.CopyFrom(value)
+        del graph.output[:]
+        graph.output.append(kept)
+        return True
+
+
+class PruneUnused:
+    """Remove nodes and initializers that do not feed the graph outputs.
+
+    onnx-graphsurgeon does the cleanup; the model metadata it drops is restored.
+    """
+
+    name = "prune-unused"
+
+    def __call__(self, model: onnx.ModelProto) -> bool:
+        before = len(model.graph.node), len(model.graph.initializer)
+        graph = gs.import_onnx(model)
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort()
+        pruned = gs.export_onnx(graph, do_type_check=False)
+        kept = onnx.ModelProto()
+        kept.CopyFrom(model)
+        kept.graph.CopyFrom(pruned.graph)
+        model.CopyFrom(kept)
+        after = len(model.graph.node), len(model.graph.initializer)
+        log.debug("pruned %d nodes and %d initializers", before[0] - after[0], before[1] - after[1])
+        return after != before

@@ -1,0 +1,124 @@
+"""Write per-model records as a table, JSON Lines or CSV, to stdout or atomically to a file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["FORMATS", "format_from_path", "render", "write_output", "atomic_write_text"]
+
+FORMATS = ("table", "json", "csv")
+_EXTENSIONS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".ndjson": "json",
+    ".csv": "csv",
+    ".txt": "table",
+    ".table": "table",
+}
+
+
+def format_from_path(path: str | os.PathLike) -> str | None:
+    """Return the format an output file's extension names, or None."""
+    return _EXTENSIONS.get(Path(path).suffix.lower())
+
+
+def _json_value(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _render_json(records: Sequence[dict]) -> str:
+    lines = [
+        json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False)
+        for record in records
+    ]
+    return "".join(line + "\n" for line in lines)
+
+
+def _render_csv(records: Sequence[dict], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for record in records:
+        writer.writerow([_csv_value(record.get(column)) for column in columns])
+    return buffer.getvalue()
+
+
+def _table_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list | tuple):
+        return ",".join(_table_cell(v) for v in value) or "-"
+    return str(value)
+
+
+def _render_table(records: Sequence[dict], columns: Sequence[str]) -> str:
+    if not records:
+        return ""
+    rows = [[_table_cell(record.get(column)) for column in columns] for record in records]
+    widths = [
+        max([len(column), *(len(row[i]) for row in rows)])
+        for i, column in enumerate(columns)
+    ]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def render(
+    records: Sequence[dict],
+    fmt: str,
+    columns: Sequence[str],
+    table_columns: Sequence[str] | None = None,
+) -> str:
+    """Render records; CSV and JSON carry every column, the table a readable subset."""
+    if fmt == "json":
+        return _render_json(records)
+    if fmt == "csv":
+        return _render_csv(records, columns)
+    return _render_table(records, table_columns or columns)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a part."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_output(text: str, path: str | os.PathLike | None) -> None:
+    """Write rendered records to the file, or to stdout when path is None."""
+    if path is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        atomic_write_text(path, text)

@@ -1,0 +1,281 @@
+"""Score one model: load, plan, rewrite, run twice, compute epsilon."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import external_data_helper
+
+from onnxeps.errors import InputError, PlanError, ScoreTimeout
+from onnxeps.graphs import iter_graphs
+from onnxeps.inputs import Batch, batch_from_arrays, read_array_file, synthetic_batch
+from onnxeps.load import LoadedModel, load_model
+from onnxeps.metric import epsilon
+from onnxeps.passes.base import run_passes
+from onnxeps.passes.batchnorm import BatchNormToBatchStatistics
+from onnxeps.passes.constants import ApplyConstants, fill_weights
+from onnxeps.passes.dropout import RemoveDropout
+from onnxeps.passes.graph_inputs import DetachInitializerInputs
+from onnxeps.passes.output import ExposeOutput, PruneUnused, scored_output_name
+from onnxeps.plan import Plan, build_plan
+from onnxeps.presets import PRESETS, Preset
+from onnxeps.roles import Action
+from onnxeps.runtime import Session
+
+__all__ = ["ScoreResult", "ScoreSettings", "score", "DEFAULT_WEIGHTS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = (1e-7, 1.0)
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_SEED = 21
+DEFAULT_SEQ_LEN = 70
+DEFAULT_TIMEOUT = 120.0
+
+InputsArg = str | os.PathLike | np.ndarray | dict[str, np.ndarray] | None
+
+
+@dataclass
+class ScoreResult:
+    """The score record of one model; field order is the record's column order."""
+
+    model: str
+    sha256: str
+    epsilon: float | None
+    reason: str | None
+    weights: tuple[float, float]
+    batch_size: int
+    input: str
+    output: str
+    preset: str | None
+    provider: str
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def defined(self) -> bool:
+        return self.epsilon is not None
+
+    def record(self) -> dict:
+        """Return the record as a dict with JSON-ready values (NaN epsilon as None)."""
+        return {
+            "model": self.model,
+            "sha256": self.sha256,
+            "epsilon": self.epsilon,
+            "reason": self.reason,
+            "weights": list(self.weights),
+            "batch_size": self.batch_size,
+            "input": self.input,
+            "output": self.output,
+            "preset": self.preset,
+            "provider": self.provider,
+            "warnings": list(self.warnings),
+            "seconds": round(self.seconds, 4),
+        }
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """Everything that changes a score, with presets already applied."""
+
+    weights: tuple[float, float] = DEFAULT_WEIGHTS
+    synthetic: str | None = None
+    batch_size: int | None = None
+    seed: int = DEFAULT_SEED
+    output_name: str | None = None
+    device: str = "auto"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    seq_len: int = DEFAULT_SEQ_LEN
+    timeout: float | None = DEFAULT_TIMEOUT
+    strict: bool = False
+    preset: str | None = None
+    recurrent_as_weight: bool = False
+
+
+def _apply_preset(settings: dict, preset_name: str | None) -> ScoreSettings:
+    """Fill settings left as None from the preset, then from the defaults."""
+    preset: Preset | None = None
+    if preset_name is not None:
+        if preset_name not in PRESETS:
+            raise InputError(
+                f"unknown preset {preset_name!r}; valid presets: {', '.join(PRESETS)}."
+            )
+        preset = PRESETS[preset_name]
+    merged = {key: value for key, value in settings.items() if value is not None}
+    if preset is not None:
+        merged.setdefault("weights", preset.weights)
+        merged.setdefault("output_name", preset.output_name)
+        merged.setdefault("mean", preset.mean)
+        merged.setdefault("std", preset.std)
+        merged["recurrent_as_weight"] = preset.recurrent_as_weight
+    merged["preset"] = preset_name
+    return ScoreSettings(**{k: v for k, v in merged.items() if v is not None or k == "preset"})
+
+
+class _Deadline:
+    def __init__(self, seconds: float | None) -> None:
+        self.end = None if seconds is None else time.monotonic() + seconds
+        self.seconds = seconds
+
+    def left(self, stage: str) -> float | None:
+        if self.end is None:
+            return None
+        remaining = self.end - time.monotonic()
+        if remaining <= 0:
+            raise ScoreTimeout(f"scoring timed out after {self.seconds:g} s ({stage}).")
+        return remaining
+
+
+def _check_plan(plan: Plan, label: str, strict: bool) -> None:
+    if plan.quantized:
+        shown = ", ".join(plan.quantized[:3])
+        more = f" and {len(plan.quantized) - 3} more" if len(plan.quantized) > 3 else ""
+        raise PlanError(
+            f"{label}: quantized weights ({shown}{more}); onnxeps does not score "
+            "quantized models.",
+            "Score the float model from before quantization.",
+        )
+    if strict and plan.unclassified():
+        names = ", ".join(f"'{e.tensor}'" for e in plan.unclassified()[:5])
+        raise PlanError(
+            f"{label}: unclassified float tensors ({names}) and --strict is set.",
+            "Run 'onnxeps plan' to see why, or drop --strict to keep them as they are.",
+        )
+    if not plan.with_action(Action.WEIGHT):
+        raise PlanError(
+            f"{label}: the model has no weights to set to w, so epsilon cannot be "
+            "computed.",
+            "Check that the model has Conv, Gemm, MatMul or recurrent layers with "
+            "constant weights (run 'onnxeps plan').",
+        )
+
+
+def _make_batch(
+    model: onnx.ModelProto, plan: Plan, inputs: InputsArg, s: ScoreSettings, rng
+) -> Batch:
+    if inputs is None:
+        size = s.batch_size or DEFAULT_BATCH_SIZE
+        return synthetic_batch(model, plan, s.synthetic, size, s.seq_len, rng)
+    if s.synthetic is not None:
+        raise InputError("give either an input batch or a synthetic kind, not both.")
+    if isinstance(inputs, dict):
+        arrays, origin, description = inputs, "input arrays", "arrays"
+    elif isinstance(inputs, np.ndarray):
+        arrays, origin, description = {"x": inputs}, "input array", "array"
+    else:
+        arrays = read_array_file(inputs)
+        origin, description = str(inputs), f"file:{inputs}"
+    mean = list(s.mean) if s.mean is not None else None
+    std = list(s.std) if s.std is not None else None
+    return batch_from_arrays(model, arrays, origin, description, s.batch_size, mean, std)
+
+
+def _load_remaining_external(model: onnx.ModelProto, base_dir: Path | None) -> None:
+    """Read the external data of tensors the rewrite kept, so the model is whole."""
+    for ref in iter_graphs(model):
+        for tensor in ref.graph.initializer:
+            if external_data_helper.uses_external_data(tensor) and base_dir is not None:
+                external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+
+
+def _template(loaded: LoadedModel, plan: Plan, s: ScoreSettings, inputs, rng):
+    """Rewrite the model once; return (template, weight tensor names, batch, output)."""
+    model = loaded.proto
+    DetachInitializerInputs()(model)
+    output = scored_output_name(model, s.output_name)
+    batch = _make_batch(model, plan, inputs, s, rng)
+    constants = ApplyConstants(plan, rng)
+    passes = [
+        constants,
+        RemoveDropout(),
+        BatchNormToBatchStatistics(),
+        ExposeOutput(output),
+        PruneUnused(),
+    ]
+    changed = run_passes(model, passes)
+    log.debug("%s: passes that changed the model: %s", loaded.label, ", ".join(changed))
+    _load_remaining_external(model, loaded.base_dir)
+    return model, constants.weight_tensors, batch, output
+
+
+def _run_both(template, names, batch: Batch, output: str, s, deadline):
+    outputs = []
+    provider = ""
+    for weight in s.weights:
+        model = fill_weights(template, names, weight)
+        session = Session(model, s.device)
+        provider = session.provider
+        outputs.append(session.run(output, batch.feeds, deadline.left("running")))
+    return outputs, provider
+
+
+def score(
+    model: str | os.PathLike | onnx.ModelProto,
+    inputs: InputsArg = None,
+    *,
+    weights: tuple[float, float] | None = None,
+    synthetic: str | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    output_name: str | None = None,
+    device: str | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    seq_len: int | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    strict: bool | None = None,
+    preset: str | None = None,
+) -> ScoreResult:
+    """Score one model with epsilon.
+
+    ``model`` is a path (external data beside it) or a ModelProto (never modified).
+    ``inputs`` is a .npy/.npz path, an array (one-input models) or a dict of arrays named
+    after the model inputs; when None, a synthetic batch of ``synthetic`` kind (grey,
+    normal, uniform, tokens; default grey for float and tokens for integer inputs) with
+    ``batch_size`` samples (default 256) is made. ``weights`` is (w1, w2), default
+    (1e-7, 1). ``preset`` ("nb201", "nb101", "nlp") sets the reference settings;
+    explicit arguments override it. ``timeout`` is in seconds (None: no limit).
+
+    Returns a :class:`ScoreResult` whose ``epsilon`` is None with a ``reason`` when the
+    metric is undefined. Raises :class:`onnxeps.OnnxepsError` when the model cannot be
+    scored at all.
+    """
+    started = time.perf_counter()
+    s = _apply_preset(
+        dict(weights=weights, synthetic=synthetic, batch_size=batch_size, seed=seed,
+             output_name=output_name, device=device, mean=mean, std=std,
+             seq_len=seq_len, strict=strict),
+        preset,
+    )  # fmt: skip
+    deadline = _Deadline(timeout)
+    loaded = load_model(model)
+    plan = build_plan(loaded.proto, s.recurrent_as_weight)
+    _check_plan(plan, loaded.label, s.strict)
+    rng = np.random.default_rng(s.seed)
+    deadline.left("rewriting")
+    template, names, batch, output = _template(loaded, plan, s, inputs, rng)
+    outputs, provider = _run_both(template, names, batch, output, s, deadline)
+    result = epsilon(outputs[0], outputs[1])
+    return ScoreResult(
+        model=loaded.label,
+        sha256=loaded.sha256,
+        epsilon=result.value if result.defined else None,
+        reason=result.reason,
+        weights=tuple(s.weights),
+        batch_size=batch.batch_size,
+        input=batch.description,
+        output=output,
+        preset=s.preset,
+        provider=provider,
+        warnings=[*plan.warnings, *batch.warnings],
+        seconds=time.perf_counter() - started,
+    )

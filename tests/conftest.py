@@ -1,0 +1,26 @@
+"""Fixtures shared by the test suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_data_dir() -> Path:
+    """Return the folder of reference data: $ONNXEPS_DATA, else ../shared/data."""
+    configured = os.environ.get("ONNXEPS_DATA")
+    if configured:
+        return Path(configured)
+    return REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = reference_data_dir()
+    if not path.is_dir():
+        pytest.fail(f"reference data folder {path} not found; set ONNXEPS_DATA")
+    return path
