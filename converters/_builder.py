@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +20,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
-# IR version 8 is the lowest that opset 17 allows, so older runtimes can load the models.
+# IR version 8 is the lowest that opset 17 allows, so older runtimes can load the
+# models.
 IR_VERSION = 8
 BATCH_DIM = "batch"
 
@@ -122,10 +123,14 @@ class GraphBuilder:
         """Append a node named after ``name`` and return its output tensor names."""
         node_name = self.unique_name(f"{name}/{op_type}")
         if output_names is None:
-            outputs = [self.unique_name(f"{node_name}:{i}") for i in range(num_outputs)]
+            outputs = [
+                self.unique_name(f"{node_name}:{i}") for i in range(num_outputs)
+            ]
         else:
             outputs = [self.reserve_name(output) for output in output_names]
-        node = helper.make_node(op_type, list(inputs), outputs, name=node_name, **attributes)
+        node = helper.make_node(
+            op_type, list(inputs), outputs, name=node_name, **attributes
+        )
         self.nodes.append(node)
         return outputs
 
@@ -163,7 +168,8 @@ class GraphBuilder:
         not a trainable parameter. Integer constants (shapes, indices) get no role.
         """
         value = np.asarray(value)
-        return self._add_initializer(self.unique_name(name), value, _constant_role(value))
+        role = _constant_role(value)
+        return self._add_initializer(self.unique_name(name), value, role)
 
     def shared_constant(self, name: str, value: np.ndarray) -> str:
         """Return the constant named exactly ``name``, adding it with ``value`` once."""
@@ -224,7 +230,8 @@ class GraphBuilder:
         if model.ByteSize() > MAX_MODEL_BYTES:
             raise ValueError(
                 f"model {graph_name!r} is {model.ByteSize()} bytes, over the 2 GiB "
-                f"protobuf limit; use a smaller network (for example a smaller vocabulary)"
+                f"protobuf limit; use a smaller network, for example a smaller "
+                f"vocabulary"
             )
         onnx.checker.check_model(model, full_check=True)
         return model
@@ -244,15 +251,15 @@ def make_value_info(
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` to ``path`` through a temporary file in the same folder.
 
-    The final ``os.replace`` is atomic on POSIX and Windows, so readers never see a
-    partly written file. The temporary file is removed if writing fails.
+    The final ``os.replace`` is atomic on POSIX file systems, so readers never see a
+    partly written file. The temporary file is removed if writing fails, and the new
+    file gets the usual permissions (0o666 minus the umask).
     Raises OSError if the folder is missing or not writable.
     """
     target = Path(path)
     data = model.SerializeToString()
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-    )
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
@@ -260,6 +267,6 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> P
             os.fsync(file.fileno())
         os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return target

@@ -43,13 +43,14 @@ def batch_norm(
     builder: GraphBuilder, x: str, prefix: str, channels: int, epsilon: float
 ) -> str:
     """Add an inference-mode BatchNormalization with scale 1, shift 0, mean 0, var 1."""
+    name = f"{prefix}.bn"
     shape = (channels,)
-    scale = builder.add_parameter(f"{prefix}.bn.weight", shape, "norm_scale", filled(1.0))
-    shift = builder.add_parameter(f"{prefix}.bn.bias", shape, "norm_shift", filled(0.0))
+    scale = builder.add_parameter(f"{name}.weight", shape, "norm_scale", filled(1.0))
+    shift = builder.add_parameter(f"{name}.bias", shape, "norm_shift", filled(0.0))
     mean = builder.add_parameter(
-        f"{prefix}.bn.running_mean", shape, "norm_stat", filled(0.0)
+        f"{name}.running_mean", shape, "norm_stat", filled(0.0)
     )
-    var = builder.add_parameter(f"{prefix}.bn.running_var", shape, "norm_stat", filled(1.0))
+    var = builder.add_parameter(f"{name}.running_var", shape, "norm_stat", filled(1.0))
     return builder.add_node(
         "BatchNormalization",
         [x, scale, shift, mean, var],
@@ -74,7 +75,10 @@ def dense(
 ) -> str:
     """Add a Gemm with bias on a (batch, in_features) tensor."""
     weight = builder.add_parameter(
-        f"{prefix}.weight", (out_features, in_features), "weight", he_normal(in_features)
+        f"{prefix}.weight",
+        (out_features, in_features),
+        "weight",
+        he_normal(in_features),
     )
     bias = builder.add_parameter(f"{prefix}.bias", (out_features,), "bias", filled(0.0))
     return builder.add_node("Gemm", [x, weight, bias], prefix, output=output, transB=1)

@@ -68,7 +68,13 @@ __all__ = [
 CONVERTER_ID = "onnxeps.converters.nb101 1"
 OPS = ("conv3x3-bn-relu", "conv1x1-bn-relu", "maxpool3x3")
 # NASLib's code k for a vertex op means NASLIB_OP_CODES[k].
-NASLIB_OP_CODES = ("input", "output", "maxpool3x3", "conv1x1-bn-relu", "conv3x3-bn-relu")
+NASLIB_OP_CODES = (
+    "input",
+    "output",
+    "maxpool3x3",
+    "conv1x1-bn-relu",
+    "conv3x3-bn-relu",
+)
 MAX_VERTICES = 7
 MAX_EDGES = 9
 STEM_CHANNELS = 128
@@ -80,7 +86,9 @@ IMAGE_SHAPE = (3, 32, 32)
 Matrix = list[list[int]]
 
 
-def prune(matrix: Sequence[Sequence[int]], ops: Sequence[str]) -> tuple[Matrix, list[str]]:
+def prune(
+    matrix: Sequence[Sequence[int]], ops: Sequence[str]
+) -> tuple[Matrix, list[str]]:
     """Validate a cell and remove the vertices that are not on an input->output path.
 
     Returns the pruned matrix and op list. Raises ValueError if the matrix is not a
@@ -90,15 +98,18 @@ def prune(matrix: Sequence[Sequence[int]], ops: Sequence[str]) -> tuple[Matrix, 
     """
     array = _validate_matrix(matrix)
     _validate_ops(ops, len(array))
+    output = len(array) - 1
     from_input = _reachable(array, 0)
-    to_output = _reachable(array.T, len(array) - 1)
-    if len(array) - 1 not in from_input:
-        raise ValueError("the cell has no path from the input vertex to the output vertex")
-    kept = sorted(from_input & to_output)
+    if output not in from_input:
+        raise ValueError(
+            "the cell has no path from the input vertex to the output vertex"
+        )
+    kept = sorted(from_input & _reachable(array.T, output))
     pruned = array[np.ix_(kept, kept)]
     if len(kept) > MAX_VERTICES:
         raise ValueError(
-            f"the pruned cell has {len(kept)} vertices; at most {MAX_VERTICES} are allowed"
+            f"the pruned cell has {len(kept)} vertices; "
+            f"at most {MAX_VERTICES} are allowed"
         )
     if pruned.sum() > MAX_EDGES:
         raise ValueError(
@@ -111,15 +122,18 @@ def _validate_matrix(matrix: Sequence[Sequence[int]]) -> np.ndarray:
     try:
         array = np.asarray(matrix)
     except ValueError:
-        raise ValueError("the matrix must be a square list of lists of 0 and 1") from None
+        raise ValueError(
+            "the matrix must be a square list of lists of 0 and 1"
+        ) from None
     if array.ndim != 2 or array.shape[0] != array.shape[1] or array.shape[0] < 2:
         raise ValueError(
-            f"the matrix must be square with at least 2 vertices, got shape {array.shape}"
+            f"the matrix must be square with at least 2 vertices, "
+            f"got shape {array.shape}"
         )
-    if array.dtype == bool:
-        array = array.astype(int)
-    if not np.issubdtype(array.dtype, np.integer) or not np.isin(array, (0, 1)).all():
+    # Bool, integer and float matrices are accepted when every entry is 0 or 1.
+    if array.dtype.kind not in "biuf" or not np.isin(array, (0, 1)).all():
         raise ValueError("the matrix entries must be 0 or 1")
+    array = array.astype(np.int64)
     lower = np.argwhere(np.tril(array) != 0)
     if len(lower):
         source, target = lower[0]
@@ -127,17 +141,19 @@ def _validate_matrix(matrix: Sequence[Sequence[int]]) -> np.ndarray:
             f"the matrix must be strictly upper-triangular, but it has an edge "
             f"{source}->{target}; edges go from a lower to a higher vertex number"
         )
-    return array.astype(np.int64)
+    return array
 
 
 def _validate_ops(ops: Sequence[str], num_vertices: int) -> None:
-    if isinstance(ops, str) or len(ops) != num_vertices:
+    if not isinstance(ops, Sequence) or isinstance(ops, str) or len(ops) != num_vertices:
         raise ValueError(
-            f"ops must be a list of {num_vertices} op names, one per matrix row, got {ops!r}"
+            f"ops must be a list of {num_vertices} op names, one per matrix row, "
+            f"got {ops!r}"
         )
     if ops[0] != "input" or ops[-1] != "output":
         raise ValueError(
-            f"ops must start with 'input' and end with 'output', got {ops[0]!r} and {ops[-1]!r}"
+            f"ops must start with 'input' and end with 'output', "
+            f"got {ops[0]!r} and {ops[-1]!r}"
         )
     for vertex, op in enumerate(ops[1:-1], start=1):
         if op not in OPS:
@@ -151,19 +167,20 @@ def _reachable(adjacency: np.ndarray, start: int) -> set[int]:
     frontier = [start]
     while frontier:
         vertex = frontier.pop()
-        for successor in np.flatnonzero(adjacency[vertex]):
-            if int(successor) not in seen:
-                seen.add(int(successor))
-                frontier.append(int(successor))
+        for successor in np.flatnonzero(adjacency[vertex]).tolist():
+            if successor not in seen:
+                seen.add(successor)
+                frontier.append(successor)
     return seen
 
 
 def spec_from_tuple(codes: Sequence[int] | str) -> tuple[Matrix, list[str]]:
-    """Split a NASLib tuple (flattened N x N matrix, then N op codes) into matrix and ops.
+    """Split a NASLib tuple into an adjacency matrix and an op list.
 
-    ``codes`` is a sequence of ints or its text form such as ``"(0, 1, ..., 1)"``.
-    Op codes are 0 input, 1 output, 2 maxpool3x3, 3 conv1x1-bn-relu, 4 conv3x3-bn-relu.
-    The result is not pruned. Raises ValueError if the length is not N*N + N.
+    The tuple is the N x N matrix flattened row by row, then N op codes: 0 input,
+    1 output, 2 maxpool3x3, 3 conv1x1-bn-relu, 4 conv3x3-bn-relu. ``codes`` is a
+    sequence of ints or its text form such as ``"(0, 1, ..., 1)"``. The result is not
+    pruned. Raises ValueError if the length is not N*N + N or an op code is invalid.
     """
     if isinstance(codes, str):
         text = codes.strip().removeprefix("(").removesuffix(")")
@@ -180,11 +197,13 @@ def spec_from_tuple(codes: Sequence[int] | str) -> tuple[Matrix, list[str]]:
         raise ValueError(
             f"a NASLib tuple has N*N + N codes for N vertices, got {len(values)} codes"
         )
-    if any(not 0 <= code < len(NASLIB_OP_CODES) for code in values[size * size :]):
-        raise ValueError(f"op codes must be 0..{len(NASLIB_OP_CODES) - 1}, got {values}")
+    op_codes = values[size * size :]
+    if any(not 0 <= code < len(NASLIB_OP_CODES) for code in op_codes):
+        raise ValueError(
+            f"op codes must be 0..{len(NASLIB_OP_CODES) - 1}, got {op_codes}"
+        )
     matrix = [values[row * size : (row + 1) * size] for row in range(size)]
-    ops = [NASLIB_OP_CODES[code] for code in values[size * size :]]
-    return matrix, ops
+    return matrix, [NASLIB_OP_CODES[code] for code in op_codes]
 
 
 def vertex_channels(matrix: Matrix, in_channels: int, out_channels: int) -> list[int]:
@@ -194,23 +213,24 @@ def vertex_channels(matrix: Matrix, in_channels: int, out_channels: int) -> list
     ``out_channels // k`` each, and the first ``out_channels % k`` of them in vertex
     order get one more. Going backwards, every other interior vertex gets the largest
     count among its interior successors. The input vertex has ``in_channels``.
+    Raises ValueError if the cell has interior vertices but none feeds the output,
+    which pruning rules out.
     """
     array = np.asarray(matrix)
-    num_vertices = len(array)
-    channels = [0] * num_vertices
-    channels[0] = in_channels
-    channels[-1] = out_channels
-    if num_vertices == 2:
+    output = len(array) - 1
+    channels = [in_channels] + [0] * (output - 1) + [out_channels]
+    if output == 1:
         return channels
-    output = num_vertices - 1
     feeders = [vertex for vertex in range(1, output) if array[vertex, output]]
+    if not feeders:
+        raise ValueError("no interior vertex feeds the output vertex; prune the cell")
     share, remainder = divmod(out_channels, len(feeders))
     for position, vertex in enumerate(feeders):
         channels[vertex] = share + (1 if position < remainder else 0)
     for vertex in range(output - 1, 0, -1):
         if not array[vertex, output]:
-            successors = [channels[s] for s in range(vertex + 1, output) if array[vertex, s]]
-            channels[vertex] = max(successors)
+            successors = range(vertex + 1, output)
+            channels[vertex] = max(channels[s] for s in successors if array[vertex, s])
     return channels
 
 
@@ -236,11 +256,14 @@ def build(
     x = _add_stem(builder, x)
     x, channels = _add_stacks(builder, x, pruned_matrix, pruned_ops)
     x = _layers.global_average_pool(builder, x, "head")
-    logits = _layers.dense(builder, x, "classifier", channels, num_classes, output="logits")
+    logits = _layers.dense(
+        builder, x, "classifier", channels, num_classes, output="logits"
+    )
     encoding = json.dumps({"matrix": np.asarray(matrix).tolist(), "ops": list(ops)})
+    image = (BATCH_DIM, *IMAGE_SHAPE)
     return builder.build_model(
         "nb101",
-        [make_value_info("input", onnx.TensorProto.FLOAT, (BATCH_DIM, *IMAGE_SHAPE))],
+        [make_value_info("input", onnx.TensorProto.FLOAT, image)],
         [make_value_info(logits, onnx.TensorProto.FLOAT, (BATCH_DIM, num_classes))],
         {ENCODING_KEY: encoding, CONVERTER_KEY: CONVERTER_ID},
     )
@@ -276,12 +299,16 @@ def _add_stacks(
         in_channels = channels
         if stack > 0:
             x = builder.add_node(
-                "MaxPool", [x], f"stack{stack}.downsample", kernel_shape=[2, 2], strides=[2, 2]
+                "MaxPool",
+                [x],
+                f"stack{stack}.downsample",
+                kernel_shape=[2, 2],
+                strides=[2, 2],
             )
             channels *= 2
         for position in range(CELLS_PER_STACK):
-            cell = stack * CELLS_PER_STACK + position
-            x = _add_cell(builder, x, matrix, ops, f"cells.{cell}", in_channels, channels)
+            prefix = f"cells.{stack * CELLS_PER_STACK + position}"
+            x = _add_cell(builder, x, matrix, ops, prefix, (in_channels, channels))
             in_channels = channels
     return x, channels
 
@@ -292,32 +319,31 @@ def _add_cell(
     matrix: Matrix,
     ops: list[str],
     prefix: str,
-    in_channels: int,
-    out_channels: int,
+    widths: tuple[int, int],
 ) -> str:
-    """Add one pruned cell whose input is ``x``, as the module docstring describes."""
+    """Add one pruned cell that maps ``widths`` (C_in, C_out) and return its output."""
+    in_channels, out_channels = widths
     channels = vertex_channels(matrix, in_channels, out_channels)
     output = len(matrix) - 1
     tensors = [x]
     for vertex in range(1, output):
+        name = f"{prefix}.vertex{vertex}"
         summed = _add_vertex_input(builder, tensors, matrix, channels, vertex, prefix)
-        value = _add_vertex_op(
-            builder, summed, ops[vertex], channels[vertex], f"{prefix}.vertex{vertex}"
-        )
+        value = _add_vertex_op(builder, summed, ops[vertex], channels[vertex], name)
         tensors.append(value)
-    concatenated = [tensors[vertex] for vertex in range(1, output) if matrix[vertex][output]]
+    feeders = [tensors[v] for v in range(1, output) if matrix[v][output]]
     projection = None
     if matrix[0][output]:
         projection = _add_conv_bn_relu(
             builder, x, f"{prefix}.proj{output}", in_channels, out_channels, 1
         )
-    if not concatenated:
+    if not feeders:
         # Pruning keeps the input->output edge of a cell without interior vertices.
         assert projection is not None
         return projection
-    result = concatenated[0]
-    if len(concatenated) > 1:
-        result = builder.add_node("Concat", concatenated, f"{prefix}.output", axis=1)
+    result = feeders[0]
+    if len(feeders) > 1:
+        result = builder.add_node("Concat", feeders, f"{prefix}.output", axis=1)
     if projection is not None:
         result = builder.add_node("Add", [result, projection], f"{prefix}.output")
     return result
@@ -331,49 +357,70 @@ def _add_vertex_input(
     vertex: int,
     prefix: str,
 ) -> str:
-    """Sum the inputs of an interior vertex, truncating or projecting them to its width."""
+    """Sum the inputs of an interior vertex after bringing them to its width.
+
+    Interior predecessors come first in vertex order, truncated if wider, and the
+    projected cell input comes last, as in the nasbench model builder.
+    """
     width = channels[vertex]
+    name = f"{prefix}.vertex{vertex}"
     terms = []
     for source in range(1, vertex):
         if matrix[source][vertex]:
-            terms.append(_truncate(builder, tensors[source], channels[source], width, prefix))
-    if matrix[0][vertex]:
-        terms.append(
-            _add_conv_bn_relu(
-                builder, tensors[0], f"{prefix}.proj{vertex}", channels[0], width, 1
+            terms.append(
+                _truncate(builder, tensors[source], channels[source], width, name)
             )
+    if matrix[0][vertex]:
+        projection = f"{prefix}.proj{vertex}"
+        terms.append(
+            _add_conv_bn_relu(builder, tensors[0], projection, channels[0], width, 1)
         )
     if len(terms) == 1:
         return terms[0]
-    return builder.add_node("Sum", terms, f"{prefix}.vertex{vertex}.input")
+    return builder.add_node("Sum", terms, name)
 
 
-def _truncate(builder: GraphBuilder, x: str, channels: int, width: int, prefix: str) -> str:
+def _truncate(
+    builder: GraphBuilder, x: str, channels: int, width: int, prefix: str
+) -> str:
     """Keep the first ``width`` channels of ``x``, which has ``channels`` channels."""
     if channels == width:
         return x
-    if channels < width:
-        raise AssertionError(f"vertex channels increase from {channels} to {width}")
-    starts = builder.add_constant(f"{prefix}.slice_starts", np.array([0], dtype=np.int64))
-    ends = builder.add_constant(f"{prefix}.slice_ends", np.array([width], dtype=np.int64))
-    axes = builder.add_constant(f"{prefix}.slice_axes", np.array([1], dtype=np.int64))
+    # vertex_channels never gives a vertex more channels than an interior predecessor.
+    assert channels > width, f"vertex channels increase from {channels} to {width}"
+    starts = builder.add_constant(f"{prefix}.starts", np.array([0], dtype=np.int64))
+    ends = builder.add_constant(f"{prefix}.ends", np.array([width], dtype=np.int64))
+    axes = builder.add_constant(f"{prefix}.axes", np.array([1], dtype=np.int64))
     return builder.add_node("Slice", [x, starts, ends, axes], f"{prefix}.truncate")
 
 
-def _add_vertex_op(builder: GraphBuilder, x: str, op: str, channels: int, prefix: str) -> str:
+def _add_vertex_op(
+    builder: GraphBuilder, x: str, op: str, channels: int, prefix: str
+) -> str:
     if op == "maxpool3x3":
         return builder.add_node(
-            "MaxPool", [x], prefix, kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]
+            "MaxPool",
+            [x],
+            prefix,
+            kernel_shape=[3, 3],
+            strides=[1, 1],
+            pads=[1, 1, 1, 1],
         )
     kernel = 3 if op == "conv3x3-bn-relu" else 1
     return _add_conv_bn_relu(builder, x, prefix, channels, channels, kernel)
 
 
 def _add_conv_bn_relu(
-    builder: GraphBuilder, x: str, prefix: str, in_channels: int, out_channels: int, kernel: int
+    builder: GraphBuilder,
+    x: str,
+    prefix: str,
+    in_channels: int,
+    out_channels: int,
+    kernel: int,
 ) -> str:
+    padding = kernel // 2
     x = _layers.conv2d(
-        builder, x, prefix, in_channels, out_channels, kernel, padding=kernel // 2
+        builder, x, prefix, in_channels, out_channels, kernel, padding=padding
     )
     x = _layers.batch_norm(builder, x, prefix, out_channels, BN_EPSILON)
     return _layers.relu(builder, x, prefix)

@@ -54,12 +54,25 @@ from ._builder import (
     save_model_atomic,
 )
 
-__all__ = ["OPS", "NASLIB_OP_CODES", "parse_arch", "arch_from_tuple", "build", "convert"]
+__all__ = [
+    "OPS",
+    "NASLIB_OP_CODES",
+    "parse_arch",
+    "arch_from_tuple",
+    "build",
+    "convert",
+]
 
 CONVERTER_ID = "onnxeps.converters.nb201 1"
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 # NASLib's op code for each position: the tuple value k means NASLIB_OP_CODES[k].
-NASLIB_OP_CODES = ("skip_connect", "none", "nor_conv_3x3", "nor_conv_1x1", "avg_pool_3x3")
+NASLIB_OP_CODES = (
+    "skip_connect",
+    "none",
+    "nor_conv_3x3",
+    "nor_conv_1x1",
+    "avg_pool_3x3",
+)
 # NASLib orders the edges (0->1, 0->2, 0->3, 1->2, 1->3, 2->3).
 NASLIB_EDGE_ORDER = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 NUM_NODES = 4
@@ -97,14 +110,17 @@ def _parse_group(group: str, target: int) -> tuple[tuple[str, int], ...]:
             f"group {group!r} for node {target} has {len(entries)} entries, expected "
             f"{target} (one per source node 0..{target - 1})"
         )
-    return tuple(_parse_entry(entry, source, target) for source, entry in enumerate(entries))
+    return tuple(
+        _parse_entry(entry, source, target) for source, entry in enumerate(entries)
+    )
 
 
 def _parse_entry(entry: str, source: int, target: int) -> tuple[str, int]:
     match = re.fullmatch(r"([^~|+]+)~(\d+)", entry)
     if match is None:
         raise ValueError(
-            f"invalid entry {entry!r} for edge {source}->{target}: expected 'op~{source}'"
+            f"invalid entry {entry!r} for edge {source}->{target}: "
+            f"expected 'op~{source}'"
         )
     op, written_source = match.group(1), int(match.group(2))
     if written_source != source:
@@ -114,7 +130,8 @@ def _parse_entry(entry: str, source: int, target: int) -> tuple[str, int]:
         )
     if op not in OPS:
         raise ValueError(
-            f"unknown op {op!r} on edge {source}->{target}; valid ops are {', '.join(OPS)}"
+            f"unknown op {op!r} on edge {source}->{target}; "
+            f"valid ops are {', '.join(OPS)}"
         )
     return op, source
 
@@ -135,10 +152,10 @@ def arch_from_tuple(codes: Sequence[int] | str) -> str:
                 f"{edge[0]}->{edge[1]}); valid codes are 0..{len(NASLIB_OP_CODES) - 1}"
             )
         ops[edge] = NASLIB_OP_CODES[code]
-    groups = [
-        "|" + "|".join(f"{ops[(source, target)]}~{source}" for source in range(target)) + "|"
-        for target in range(1, NUM_NODES)
-    ]
+    groups = []
+    for target in range(1, NUM_NODES):
+        entries = [f"{ops[(source, target)]}~{source}" for source in range(target)]
+        groups.append("|" + "|".join(entries) + "|")
     return "+".join(groups)
 
 
@@ -225,20 +242,20 @@ def _add_stages(builder: GraphBuilder, x: str, cell: Cell) -> str:
 def _add_cell(
     builder: GraphBuilder, x: str, cell: Cell, prefix: str, channels: int
 ) -> str:
-    """Add one cell. Node j is the sum of its edges, as the module docstring says."""
+    """Add one cell and return its output node (node 3)."""
     nodes = [x]
     for target, edges in enumerate(cell, start=1):
-        terms = [
-            _add_edge(builder, nodes[source], op, f"{prefix}.edge_{source}_{target}", channels)
-            for op, source in edges
-            if op != "none"
-        ]
+        terms = []
+        for op, source in edges:
+            if op != "none":
+                edge = f"{prefix}.edge_{source}_{target}"
+                terms.append(_add_edge(builder, nodes[source], op, edge, channels))
         if not terms:
-            zero = builder.shared_constant("zero", np.zeros((), dtype=np.float32))
-            terms = [
-                builder.add_node("Mul", [nodes[source], zero], f"{prefix}.edge_{source}_{target}")
-                for _, source in edges
-            ]
+            # Every edge is none: sum source * 0 like the reference Zero op, so NaN
+            # and inf propagate as they do there.
+            for _, source in edges:
+                edge = f"{prefix}.edge_{source}_{target}"
+                terms.append(_add_zeros_like(builder, nodes[source], edge))
         if len(terms) == 1:
             nodes.append(terms[0])
         else:
@@ -246,7 +263,14 @@ def _add_cell(
     return nodes[-1]
 
 
-def _add_edge(builder: GraphBuilder, x: str, op: str, prefix: str, channels: int) -> str:
+def _add_zeros_like(builder: GraphBuilder, x: str, prefix: str) -> str:
+    zero = builder.shared_constant("zero", np.zeros((), dtype=np.float32))
+    return builder.add_node("Mul", [x, zero], prefix)
+
+
+def _add_edge(
+    builder: GraphBuilder, x: str, op: str, prefix: str, channels: int
+) -> str:
     if op == "skip_connect":
         return x
     if op == "avg_pool_3x3":
@@ -273,8 +297,9 @@ def _add_relu_conv_bn(
     stride: int,
 ) -> str:
     x = _layers.relu(builder, x, prefix)
+    padding = kernel // 2
     x = _layers.conv2d(
-        builder, x, prefix, in_channels, out_channels, kernel, stride, padding=kernel // 2
+        builder, x, prefix, in_channels, out_channels, kernel, stride, padding
     )
     return _layers.batch_norm(builder, x, prefix, out_channels, BN_EPSILON)
 
@@ -303,4 +328,6 @@ def _add_head(builder: GraphBuilder, x: str, num_classes: int) -> str:
     x = _layers.batch_norm(builder, x, "head", channels, BN_EPSILON)
     x = _layers.relu(builder, x, "head")
     x = _layers.global_average_pool(builder, x, "head")
-    return _layers.dense(builder, x, "classifier", channels, num_classes, output="logits")
+    return _layers.dense(
+        builder, x, "classifier", channels, num_classes, output="logits"
+    )

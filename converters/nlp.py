@@ -141,16 +141,23 @@ def _parse_node(name: str, entry: Any) -> RecipeNode:
     if name == "x" or (STATE_PATTERN.fullmatch(name) and name.startswith("h_prev")):
         raise ValueError(f"node name {name!r} is reserved for a cell input")
     if not isinstance(entry, Mapping) or not isinstance(entry.get("op"), str):
-        raise ValueError(f'node {name!r} must be an object with "op" and "input", got {entry!r}')
+        raise ValueError(
+            f'node {name!r} must be an object with "op" and "input", got {entry!r}'
+        )
     inputs = entry.get("input")
-    if not isinstance(inputs, list) or not all(isinstance(item, str) for item in inputs):
+    if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
         raise ValueError(f'node {name!r} must have "input" as a list of node names')
     op = entry["op"]
     if op not in ARITY:
-        raise ValueError(f"node {name!r} has unknown op {op!r}; valid ops are {', '.join(OPS)}")
+        raise ValueError(
+            f"node {name!r} has unknown op {op!r}; valid ops are {', '.join(OPS)}"
+        )
     expected = ARITY[op]
-    if (expected is None and not inputs) or (expected is not None and len(inputs) != expected):
-        count = "one or more" if expected is None else str(expected)
+    if expected is None:
+        valid, count = bool(inputs), "one or more"
+    else:
+        valid, count = len(inputs) == expected, str(expected)
+    if not valid:
         raise ValueError(
             f"node {name!r} ({op}) has {len(inputs)} inputs, expected {count}"
         )
@@ -165,7 +172,9 @@ def _count_states(nodes: Mapping[str, RecipeNode]) -> int:
         if (match := STATE_PATTERN.fullmatch(name)) and match.group(1) == "new"
     )
     if not numbers or numbers[0] != 0:
-        raise ValueError("the recipe has no 'h_new_0' node, which is the required output")
+        raise ValueError(
+            "the recipe has no 'h_new_0' node, which is the required output"
+        )
     if numbers != list(range(len(numbers))):
         missing = sorted(set(range(numbers[-1])) - set(numbers))
         raise ValueError(
@@ -269,12 +278,13 @@ def build(
     sequence = _stack_steps(builder, steps)
     _add_decoder(builder, sequence, vocab_size)
     _add_hidden_unit0(builder, sequence)
+    float32 = onnx.TensorProto.FLOAT
     return builder.build_model(
         "nas_bench_nlp",
         [make_value_info("tokens", onnx.TensorProto.INT64, (seq_len, BATCH_DIM))],
         [
-            make_value_info("logits", onnx.TensorProto.FLOAT, (seq_len, BATCH_DIM, vocab_size)),
-            make_value_info("hidden_unit0", onnx.TensorProto.FLOAT, (seq_len, BATCH_DIM)),
+            make_value_info("logits", float32, (seq_len, BATCH_DIM, vocab_size)),
+            make_value_info("hidden_unit0", float32, (seq_len, BATCH_DIM)),
         ],
         _metadata(recipe),
     )
@@ -299,7 +309,13 @@ def convert(
 
 def _metadata(recipe: Mapping[str, Any] | str) -> dict[str, str]:
     encoding = json.dumps(_load_recipe(recipe))
-    tied = [{"tensor": "decoder.weight", "tied_to": "embedding.weight", "transform": "transpose"}]
+    tied = [
+        {
+            "tensor": "decoder.weight",
+            "tied_to": "embedding.weight",
+            "transform": "transpose",
+        }
+    ]
     return {
         ENCODING_KEY: encoding,
         CONVERTER_KEY: CONVERTER_ID,
@@ -308,7 +324,7 @@ def _metadata(recipe: Mapping[str, Any] | str) -> dict[str, str]:
 
 
 def _check_widths(recipe: Recipe, layer: int, in_size: int, hidden: int) -> None:
-    """Raise ValueError if an op would combine tensors of different widths in a layer."""
+    """Raise ValueError if an op in ``layer`` would combine unequal widths."""
     widths = {"x": in_size, **{f"h_prev_{k}": hidden for k in range(recipe.num_states)}}
     for name, node in recipe.nodes.items():
         input_widths = [widths[source] for source in node.inputs]
@@ -316,9 +332,10 @@ def _check_widths(recipe: Recipe, layer: int, in_size: int, hidden: int) -> None
             _check_linear_widths(name, node, input_widths, layer, hidden)
         elif len(set(input_widths)) > 1:
             raise ValueError(
-                f"node {name!r} ({node.op}) combines widths {input_widths} in layer "
-                f"{layer} (input size {in_size}, hidden size {hidden}); its inputs must "
-                f"have equal widths, so x may reach it only through a linear node"
+                f"node {name!r} ({node.op}) combines widths {input_widths} in "
+                f"layer {layer} (input size {in_size}, hidden size {hidden}); its "
+                f"inputs must have equal widths, so x may reach it only through a "
+                f"linear node"
             )
         widths[name] = hidden if node.op == "linear" else input_widths[0]
         if STATE_PATTERN.fullmatch(name) and widths[name] != hidden:
@@ -341,8 +358,10 @@ def _check_linear_widths(
             )
 
 
-def _add_embedding(builder: GraphBuilder, tokens: str, vocab_size: int, seq_len: int) -> list[str]:
-    """Look up the token embeddings and split them into one (batch, 400) tensor per step."""
+def _add_embedding(
+    builder: GraphBuilder, tokens: str, vocab_size: int, seq_len: int
+) -> list[str]:
+    """Look up the token embeddings and split them into one (batch, 400) per step."""
     table = builder.add_parameter(
         "embedding.weight",
         (vocab_size, EMBEDDING_SIZE),
@@ -350,10 +369,17 @@ def _add_embedding(builder: GraphBuilder, tokens: str, vocab_size: int, seq_len:
         uniform(EMBEDDING_INIT_RANGE),
     )
     embedded = builder.add_node("Gather", [table, tokens], "embedding", axis=0)
-    sizes = builder.add_constant("embedding.split_sizes", np.ones(seq_len, dtype=np.int64))
-    pieces = builder.add_node_outputs("Split", [embedded, sizes], "embedding", seq_len, axis=0)
+    sizes = builder.add_constant(
+        "embedding.split_sizes", np.ones(seq_len, dtype=np.int64)
+    )
+    pieces = builder.add_node_outputs(
+        "Split", [embedded, sizes], "embedding", seq_len, axis=0
+    )
     axes = builder.shared_constant("axes_0", np.array([0], dtype=np.int64))
-    return [builder.add_node("Squeeze", [piece, axes], f"embedding.step{t}") for t, piece in enumerate(pieces)]
+    return [
+        builder.add_node("Squeeze", [piece, axes], f"embedding.step{t}")
+        for t, piece in enumerate(pieces)
+    ]
 
 
 def _add_layer(
@@ -368,12 +394,13 @@ def _add_layer(
     prefix = f"layers.{layer}"
     parameters = _add_cell_parameters(builder, recipe, prefix, sizes)
     states = [
-        _add_initial_state(builder, recipe, f"{prefix}.h_prev_{k}", sizes[1], batch)
+        _add_initial_state(builder, recipe, prefix, k, sizes[1], batch)
         for k in range(recipe.num_states)
     ]
     outputs = []
     for t, x in enumerate(inputs):
-        states = _add_cell_step(builder, x, states, recipe, parameters, f"{prefix}.step{t}")
+        step = f"{prefix}.step{t}"
+        states = _add_cell_step(builder, x, states, recipe, parameters, step)
         outputs.append(states[0])
     return outputs
 
@@ -397,18 +424,26 @@ def _add_cell_parameters(
             )
             for i, source in enumerate(node.inputs)
         ]
-        bias = builder.add_parameter(f"{prefix}.{name}.bias", (hidden,), "recurrent_bias", init)
+        bias = builder.add_parameter(
+            f"{prefix}.{name}.bias", (hidden,), "recurrent_bias", init
+        )
         parameters[name] = (weights, bias)
     return parameters
 
 
 def _add_initial_state(
-    builder: GraphBuilder, recipe: Recipe, name: str, hidden: int, batch: str
+    builder: GraphBuilder,
+    recipe: Recipe,
+    prefix: str,
+    state: int,
+    hidden: int,
+    batch: str,
 ) -> str | None:
-    """Add initial state ``name`` broadcast to (batch, hidden), or None if unread."""
-    state = name.rsplit(".", 1)[1]
-    if not any(state in node.inputs for node in recipe.nodes.values()):
+    """Add initial state ``state`` broadcast to (batch, hidden), or None if unread."""
+    source = f"h_prev_{state}"
+    if not any(source in node.inputs for node in recipe.nodes.values()):
         return None
+    name = f"{prefix}.{source}"
     value = builder.add_parameter(name, (1, hidden), "recurrent_state", filled(0.0))
     width = builder.add_constant(f"{name}.width", np.array([hidden], dtype=np.int64))
     shape = builder.add_node("Concat", [batch, width], name, axis=0)
@@ -444,7 +479,9 @@ def _add_recipe_op(
         assert parameters is not None
         return _add_linear(builder, inputs, parameters, prefix)
     if op in ACTIVATIONS:
-        attributes = {"alpha": LEAKY_RELU_SLOPE} if op == "activation_leaky_relu" else {}
+        attributes = {}
+        if op == "activation_leaky_relu":
+            attributes["alpha"] = LEAKY_RELU_SLOPE
         return builder.add_node(ACTIVATIONS[op], inputs, prefix, **attributes)
     if op in ELEMENTWISE:
         return builder.add_node(ELEMENTWISE[op], inputs, prefix)
@@ -452,7 +489,10 @@ def _add_recipe_op(
 
 
 def _add_linear(
-    builder: GraphBuilder, inputs: list[str], parameters: tuple[list[str], str], prefix: str
+    builder: GraphBuilder,
+    inputs: list[str],
+    parameters: tuple[list[str], str],
+    prefix: str,
 ) -> str:
     """Add W_0 a_0 + b + W_1 a_1 + ..., summed in that order like the benchmark."""
     weights, bias = parameters
@@ -505,4 +545,6 @@ def _add_hidden_unit0(builder: GraphBuilder, sequence: str) -> str:
     ends = builder.add_constant("hidden_unit0.ends", np.array([1], dtype=np.int64))
     axes = builder.add_constant("hidden_unit0.axes", np.array([2], dtype=np.int64))
     unit = builder.add_node("Slice", [sequence, starts, ends, axes], "hidden_unit0")
-    return builder.add_node("Squeeze", [unit, axes], "hidden_unit0", output="hidden_unit0")
+    return builder.add_node(
+        "Squeeze", [unit, axes], "hidden_unit0", output="hidden_unit0"
+    )

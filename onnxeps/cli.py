@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from onnxeps.converters.cli import convert
 from onnxeps.errors import OnnxepsError
 from onnxeps.inputs import SYNTHETIC_KINDS
 from onnxeps.presets import PRESETS
@@ -144,7 +145,7 @@ def _summarise(results: list[ScoreResult], total: int) -> None:
 @main.command("score")
 @click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("--weights", nargs=2, type=float, help="The two constant weights w1 w2. [default: 1e-7 1, or the preset's]")
-@click.option("--input", "input_path", type=click.Path(), help="Input batch: .npy, or .npz with one array per model input.")
+@click.option("--input", "input_path", type=click.Path(), help="Input batch: .npy, .npz with one array per model input, or word-level text (.zip of train/valid/test .txt, or one .txt) for a token input.")
 @click.option("--synthetic", type=click.Choice(SYNTHETIC_KINDS), help="Synthetic input kind for every input. [default: grey for float inputs, tokens for integer inputs]")
 @click.option("--batch-size", type=click.IntRange(min=1), help=f"Samples in the batch. [default: {DEFAULT_BATCH_SIZE}, or all samples of --input]")
 @click.option("--seq-len", type=click.IntRange(min=1), default=DEFAULT_SEQ_LEN, show_default=True, help="Length of symbolic sequence axes of synthetic inputs.")
@@ -156,6 +157,7 @@ def _summarise(results: list[ScoreResult], total: int) -> None:
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Execution provider.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT, show_default=True, help="Seconds allowed per model.")
 @click.option("--strict", is_flag=True, help="Fail on float tensors the planner cannot classify.")
+@click.option("--no-collapse", "collapse", flag_value=False, default=True, help="Always evaluate the full graph, never the equivalent narrow one.")
 @_output_options
 @_verbosity
 def score_command(models, input_path, synthetic, fmt, output_path, verbose, quiet, **options) -> None:
@@ -181,6 +183,9 @@ def score_command(models, input_path, synthetic, fmt, output_path, verbose, quie
         _summarise(results, len(models))
     if len(results) < len(models):
         sys.exit(1)
+
+
+main.add_command(convert)
 
 
 @main.command("plan")
@@ -210,3 +215,78 @@ def plan_command(model, preset, strict, fmt, output_path, verbose, quiet) -> Non
     if strict and result.unclassified():
         log.error("%s: %d unclassified float tensors and --strict is set", model, len(result.unclassified()))
         sys.exit(1)
+
+
+def _progress_printer(label: str):
+    """Return a progress callback: a bar on a terminal, nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None, None
+    bar = click.progressbar(length=1, label=label, file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        bar.length = total
+        bar.update(done - bar.pos)
+
+    return bar, update
+
+
+@main.command("bench")
+@click.argument("space", type=click.Choice(["nb201", "nb101", "nlp"]))
+@click.option("--truth", type=click.Path(exists=True, dir_okay=False), required=True, help="Ground-truth CSV of the space.")
+@click.option("--sample", default="all", show_default=True, help="Number of architectures drawn uniformly, or 'all'.")
+@click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the architecture sample.")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False), help="Input batch (.npz images, or PTB text .zip for nlp).")
+@click.option("--synthetic", type=click.Choice(SYNTHETIC_KINDS), help="Synthetic input kind.")
+@click.option("--batch-size", type=click.IntRange(min=1), help=f"Samples in the batch. [default: {DEFAULT_BATCH_SIZE}]")
+@click.option("--weights", nargs=2, type=float, help="The two constant weights. [default: the space's preset]")
+@click.option("--metric-column", help="Ground-truth column. [default: test_acc_c10, val_accuracy, ptb_test_loss]")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Execution provider.")
+@click.option("--format", "fmt", type=click.Choice(["md", "json"]), help="Report format. [default: from -o, else md]")
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), help="Write the report to FILE.")
+@click.option("--records", "records_path", type=click.Path(dir_okay=False), help="Write per-model score records (JSON Lines) to FILE.")
+@_verbosity
+def bench_command(space, truth, sample, sample_seed, input_path, synthetic, records_path, fmt, output_path, verbose, quiet, **options) -> None:
+    """Score architectures of SPACE and rank them against the ground truth."""
+    import json as json_module
+
+    from onnxeps.bench import render_markdown, run_bench
+    from onnxeps.report import atomic_write_text
+
+    _configure_logging(verbose, quiet)
+    if input_path is not None and synthetic is not None:
+        raise click.UsageError("give --input or --synthetic, not both.")
+    size = _parse_sample(sample)
+    fmt = fmt or ("json" if output_path and output_path.endswith(".json") else "md")
+    bar, update = _progress_printer(f"scoring {space}")
+    try:
+        result = run_bench(
+            space, Path(truth), sample=size, sample_seed=sample_seed,
+            inputs=Path(input_path) if input_path else None, synthetic=synthetic,
+            progress=update, **options,
+        )  # fmt: skip
+    except OnnxepsError as error:
+        log.error("%s", error)
+        sys.exit(1)
+    finally:
+        if bar is not None:
+            bar.render_finish()
+    if records_path is not None:
+        atomic_write_text(records_path, render(result.records, "json", []))
+    text = (
+        json_module.dumps(result.summary, indent=2, default=str) + "\n"
+        if fmt == "json"
+        else render_markdown(result.summary)
+    )
+    write_output(text, output_path)
+
+
+def _parse_sample(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor 'all'.", param_hint="--sample") from None
+    if size < 1:
+        raise click.BadParameter("must be at least 1.", param_hint="--sample")
+    return size

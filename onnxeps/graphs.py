@@ -47,15 +47,23 @@ def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
 
 
 def iter_graphs(model: onnx.ModelProto) -> Iterator[GraphRef]:
-    """Yield the main graph, then every subgraph depth first in node order."""
+    """Yield the main graph, then every subgraph depth first in node order.
+
+    Paths are unique within the model: a node without a name, or with a name used
+    before in its graph, is labelled by op type or name plus its position.
+    """
     stack = [GraphRef("main", model.graph)]
     while stack:
         ref = stack.pop()
         yield ref
         children = []
-        for node in ref.graph.node:
+        labels: set[str] = set()
+        for position, node in enumerate(ref.graph.node):
+            label = node.name or f"{node.op_type}#{position}"
+            if label in labels:
+                label = f"{label}#{position}"
+            labels.add(label)
             for attribute_name, graph in _subgraphs(node):
-                label = node.name or node.op_type
                 children.append(GraphRef(f"{ref.path}/{label}.{attribute_name}", graph))
         stack.extend(reversed(children))
 

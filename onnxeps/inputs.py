@@ -30,6 +30,7 @@ __all__ = [
     "input_specs",
     "synthetic_batch",
     "batch_from_arrays",
+    "batch_from_text",
     "read_array_file",
 ]
 
@@ -364,3 +365,40 @@ def batch_from_arrays(
     first = next(iter(feeds.values()), None)
     size = int(first.shape[0]) if first is not None and first.ndim else 1
     return Batch(feeds, description, size, warnings)
+
+
+def _text_layout(spec: InputSpec, batch_size: int, seq_len: int) -> tuple[int, int, int]:
+    """Return (batch axis, batch size, sequence length) for a rank-2 token input."""
+    if spec.shape is None or len(spec.shape) != 2:
+        raise InputError(
+            f"model input '{spec.name}' has shape {spec.describe_shape()}; text input "
+            "needs a rank-2 (sequence, batch) or (batch, sequence) token input."
+        )
+    resolved, batch_axis = _resolve_shape(spec, batch_size, seq_len, [])
+    return batch_axis, resolved[batch_axis], resolved[1 - batch_axis]
+
+
+def batch_from_text(
+    model: onnx.ModelProto, plan: Plan, path, batch_size: int, seq_len: int
+) -> Batch:
+    """Build a token batch from word-level text (see :mod:`onnxeps.corpus`)."""
+    from onnxeps.corpus import token_batch
+
+    specs = input_specs(model)
+    if len(specs) != 1 or not np.issubdtype(specs[0].dtype, np.integer):
+        raise InputError(
+            f"{path}: text input needs a model with one integer token input; this "
+            f"model has inputs {', '.join(s.name for s in specs) or 'none'}."
+        )
+    spec = specs[0]
+    batch_axis, batch, steps = _text_layout(spec, batch_size, seq_len)
+    tokens, vocabulary = token_batch(path, steps, batch)
+    rows = _vocabulary_size(spec, model, plan)
+    if rows is not None and vocabulary > rows:
+        raise InputError(
+            f"{path}: the text has {vocabulary} distinct tokens, but the embedding read "
+            f"by input '{spec.name}' has {rows} rows.",
+            "Build the model with a vocabulary at least as large as the text's.",
+        )
+    array = tokens if batch_axis == 1 else tokens.T
+    return Batch({spec.name: array.astype(spec.dtype)}, f"file:{path}", batch)

@@ -38,7 +38,7 @@ def _normalise(output: np.ndarray, run: int) -> tuple[np.ndarray | None, str | N
     low = vector.min()
     high = vector.max()
     if high == low:
-        return None, f"run {run} output is constant ({low!r})"
+        return None, f"run {run} output is constant ({float(low)!r})"
     # The span can overflow float64 when the output holds values near +-1.8e308.
     with np.errstate(over="ignore"):
         span = high - low

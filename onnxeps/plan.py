@@ -30,6 +30,7 @@ from onnxeps.roles import (
     QUANTIZED_OPS,
     SLOT_ROLES,
     SUBGRAPH_INPUT_OFFSET,
+    SUBGRAPH_OUTPUT_OFFSET,
     VALUE_INDEPENDENT,
     Action,
     Role,
@@ -138,6 +139,7 @@ class _Tracer:
             for output in node.output
         }
         self.subgraph_inputs = _subgraph_inputs(model)
+        self.subgraph_outputs = _subgraph_outputs(model)
 
     def terminal_uses(self, name: str, size: int) -> list[TerminalUse]:
         found: list[TerminalUse] = []
@@ -154,6 +156,8 @@ class _Tracer:
                     found.append(result)
                 elif result is not None:
                     pending.extend(result)
+            # A value returned by an If/Loop/Scan body is read through the node output.
+            pending.extend(self.subgraph_outputs.get(current, []))
         return found
 
     def _classify(self, use: Use, size: int) -> TerminalUse | list[str] | None:
@@ -210,6 +214,25 @@ def _subgraph_inputs(model: onnx.ModelProto) -> dict[tuple[int, int], str]:
                 index = slot + offset
                 if index < len(body.input):
                     mapping[(id(node), slot)] = body.input[index].name
+    return mapping
+
+
+def _subgraph_outputs(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Map each If/Loop/Scan subgraph output to the node outputs that return it."""
+    mapping: dict[str, list[str]] = defaultdict(list)
+    for ref in iter_graphs(model):
+        for node in ref.graph.node:
+            spec = SUBGRAPH_OUTPUT_OFFSET.get(node.op_type)
+            if spec is None or node.domain not in _DEFAULT_DOMAINS:
+                continue
+            attribute_names, offset = spec
+            for attribute in node.attribute:
+                if attribute.name not in attribute_names:
+                    continue
+                for index, value in enumerate(attribute.g.output):
+                    position = index - offset
+                    if 0 <= position < len(node.output) and node.output[position]:
+                        mapping[value.name].append(node.output[position])
     return mapping
 
 
@@ -350,6 +373,11 @@ def build_plan(model: onnx.ModelProto, recurrent_as_weight: bool = False) -> Pla
     warnings: list[str] = []
     floats, every = _collect_constants(model)
     hints = _role_hints(model, warnings)
+    for name in sorted(hints.keys() - floats.keys()):
+        warnings.append(
+            f"ignored role hint for '{name}': the model has no floating-point constant "
+            "of that name"
+        )
     tracer = _Tracer(model, every)
     entries: list[PlanEntry] = []
     for constant in floats.values():

@@ -23,6 +23,7 @@ __all__ = [
     "LINEAR_PRODUCERS",
     "QUANTIZED_OPS",
     "SUBGRAPH_INPUT_OFFSET",
+    "SUBGRAPH_OUTPUT_OFFSET",
     "NOISE_OPS",
     "NORMALISATION_OPS",
     "action_for",
@@ -205,6 +206,8 @@ BIAS_ARITHMETIC = frozenset({"Add", "Sum"})
 LINEAR_PRODUCERS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"})
 
 # Operators that carry quantized (integer) weights; onnxeps does not score them.
+# QLinearAdd and QLinearMul are ONNX Runtime contrib operators (domain com.microsoft)
+# that its quantizer emits; the planner matches these op types in any domain.
 QUANTIZED_OPS = frozenset(
     {
         "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
@@ -217,6 +220,15 @@ SUBGRAPH_INPUT_OFFSET: dict[str, tuple[str, int, int]] = {
     # op: (subgraph attribute, first explicit input slot that maps, offset)
     "Loop": ("body", 2, 0),
     "Scan": ("body", 0, 0),
+}
+
+# Control-flow operators whose subgraph output k is returned as node output k - offset.
+# A Loop body returns its condition first; If branches and Scan bodies do not.
+SUBGRAPH_OUTPUT_OFFSET: dict[str, tuple[tuple[str, ...], int]] = {
+    # op: (subgraph attributes, offset)
+    "If": (("then_branch", "else_branch"), 0),
+    "Loop": (("body",), 1),
+    "Scan": (("body",), 0),
 }
 
 # Operators that draw random numbers at run time; the metric assumes none.

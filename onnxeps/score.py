@@ -14,11 +14,19 @@ from onnx import external_data_helper
 
 from onnxeps.errors import InputError, PlanError, ScoreTimeout
 from onnxeps.graphs import iter_graphs
-from onnxeps.inputs import Batch, batch_from_arrays, read_array_file, synthetic_batch
+from onnxeps.corpus import TEXT_SUFFIXES
+from onnxeps.inputs import (
+    Batch,
+    batch_from_arrays,
+    batch_from_text,
+    read_array_file,
+    synthetic_batch,
+)
 from onnxeps.load import LoadedModel, load_model
 from onnxeps.metric import epsilon
 from onnxeps.passes.base import run_passes
 from onnxeps.passes.batchnorm import BatchNormToBatchStatistics
+from onnxeps.passes.collapse import CollapseChannels
 from onnxeps.passes.constants import ApplyConstants, fill_weights
 from onnxeps.passes.dropout import RemoveDropout
 from onnxeps.passes.graph_inputs import DetachInitializerInputs
@@ -95,6 +103,7 @@ class ScoreSettings:
     seq_len: int = DEFAULT_SEQ_LEN
     timeout: float | None = DEFAULT_TIMEOUT
     strict: bool = False
+    collapse: bool = True
     preset: str | None = None
     recurrent_as_weight: bool = False
 
@@ -169,6 +178,9 @@ def _make_batch(
         arrays, origin, description = inputs, "input arrays", "arrays"
     elif isinstance(inputs, np.ndarray):
         arrays, origin, description = {"x": inputs}, "input array", "array"
+    elif Path(inputs).suffix.lower() in TEXT_SUFFIXES:
+        size = s.batch_size or DEFAULT_BATCH_SIZE
+        return batch_from_text(model, plan, inputs, size, s.seq_len)
     else:
         arrays = read_array_file(inputs)
         origin, description = str(inputs), f"file:{inputs}"
@@ -187,34 +199,45 @@ def _load_remaining_external(model: onnx.ModelProto, base_dir: Path | None) -> N
                 del tensor.external_data[:]
 
 
-def _template(loaded: LoadedModel, plan: Plan, s: ScoreSettings, inputs, rng):
-    """Rewrite the model once; return (template, weight tensor names, batch, output)."""
+@dataclass
+class _Template:
+    """The rewritten model, its weight placeholders and the batch to run it on."""
+
+    model: onnx.ModelProto
+    weights: list[str]
+    multipliers: dict[str, np.ndarray]
+    batch: Batch
+    output: str
+
+
+def _template(loaded: LoadedModel, plan: Plan, s: ScoreSettings, inputs, rng) -> _Template:
+    """Rewrite the model once, leaving the weights as placeholders."""
     model = loaded.proto
     DetachInitializerInputs()(model)
     output = scored_output_name(model, s.output_name)
     batch = _make_batch(model, plan, inputs, s, rng)
     constants = ApplyConstants(plan, rng)
-    passes = [
-        constants,
-        RemoveDropout(),
-        BatchNormToBatchStatistics(),
-        ExposeOutput(output),
-        PruneUnused(),
-    ]
+    run_passes(model, [constants, RemoveDropout()])
+    passes = []
+    collapse = CollapseChannels(constants.weight_tensors, output)
+    if s.collapse:
+        passes.append(collapse)
+    passes += [BatchNormToBatchStatistics(), ExposeOutput(output), PruneUnused()]
     changed = run_passes(model, passes)
     log.debug("%s: passes that changed the model: %s", loaded.label, ", ".join(changed))
     _load_remaining_external(model, loaded.base_dir)
-    return model, constants.weight_tensors, batch, output
+    return _Template(model, constants.weight_tensors, collapse.multipliers, batch, output)
 
 
-def _run_both(template, names, batch: Batch, output: str, s, deadline):
+def _run_both(template: _Template, s: ScoreSettings, deadline) -> tuple[list, str]:
     outputs = []
     provider = ""
     for weight in s.weights:
-        model = fill_weights(template, names, weight)
+        model = fill_weights(template.model, template.weights, weight, template.multipliers)
         session = Session(model, s.device)
         provider = session.provider
-        outputs.append(session.run(output, batch.feeds, deadline.left("running")))
+        feeds = template.batch.feeds
+        outputs.append(session.run(template.output, feeds, deadline.left("running")))
     return outputs, provider
 
 
@@ -233,6 +256,7 @@ def score(
     seq_len: int | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
     strict: bool | None = None,
+    collapse: bool | None = None,
     preset: str | None = None,
 ) -> ScoreResult:
     """Score one model with epsilon.
@@ -244,6 +268,8 @@ def score(
     ``batch_size`` samples (default 256) is made. ``weights`` is (w1, w2), default
     (1e-7, 1). ``preset`` ("nb201", "nb101", "nlp") sets the reference settings;
     explicit arguments override it. ``timeout`` is in seconds (None: no limit).
+    ``collapse`` (default True) evaluates the exactly equivalent narrow graph when every
+    operator allows it (see :mod:`onnxeps.passes.collapse`).
 
     Returns a :class:`ScoreResult` whose ``epsilon`` is None with a ``reason`` when the
     metric is undefined. Raises :class:`onnxeps.OnnxepsError` when the model cannot be
@@ -253,7 +279,7 @@ def score(
     s = _apply_preset(
         dict(weights=weights, synthetic=synthetic, batch_size=batch_size, seed=seed,
              output_name=output_name, device=device, mean=mean, std=std,
-             seq_len=seq_len, strict=strict),
+             seq_len=seq_len, strict=strict, collapse=collapse),
         preset,
     )  # fmt: skip
     deadline = _Deadline(timeout)
@@ -262,9 +288,10 @@ def score(
     _check_plan(plan, loaded.label, s.strict)
     rng = np.random.default_rng(s.seed)
     deadline.left("rewriting")
-    template, names, batch, output = _template(loaded, plan, s, inputs, rng)
-    outputs, provider = _run_both(template, names, batch, output, s, deadline)
+    template = _template(loaded, plan, s, inputs, rng)
+    outputs, provider = _run_both(template, s, deadline)
     result = epsilon(outputs[0], outputs[1])
+    batch, output = template.batch, template.output
     return ScoreResult(
         model=loaded.label,
         sha256=loaded.sha256,

@@ -51,14 +51,14 @@ class _Emitter:
             return self.op("ReduceMean", [value, self.ints("axes", [0, 2])], keepdims=1)
         return self.op("ReduceMean", [value], axes=[0, 2], keepdims=1)
 
-    def cast(self, value: str, elem_type: int, types: dict[str, TensorType]) -> str:
-        """Cast to elem_type unless the value already has it or elem_type is unknown."""
-        known = types.get(value)
-        if elem_type == onnx.TensorProto.UNDEFINED:
-            return value
-        if known is not None and known.elem_type == elem_type:
-            return value
-        return self.op("Cast", [value], to=elem_type)
+    def cast(self, value: str, have: int, want: int) -> str:
+        """Cast to ``want`` unless the value's type ``have`` already is it."""
+        return value if have == want else self.op("Cast", [value], to=want)
+
+
+def _elem(types: dict[str, TensorType], name: str) -> int:
+    found = types.get(name)
+    return found.elem_type if found else onnx.TensorProto.UNDEFINED
 
 
 def _epsilon(node: onnx.NodeProto) -> float:
@@ -73,18 +73,28 @@ def _replace(node, names, opset, types: dict[str, TensorType]) -> list[onnx.Node
     emit = _Emitter(node, names, opset)
     x_type = types.get(x) or types.get(node.output[0])
     elem = x_type.elem_type if x_type else onnx.TensorProto.UNDEFINED
+    if elem == onnx.TensorProto.UNDEFINED:
+        raise RewriteError(
+            f"BatchNormalization '{emit.prefix}': the element type of its input "
+            f"'{x}' is unknown, so it cannot be rewritten to batch statistics.",
+            "Run onnx.shape_inference on the model, or export it with value types.",
+        )
+    # Statistics over a whole batch sum up to millions of values per channel; float64
+    # keeps their rounding error far below the metric's tolerance.
+    work = onnx.TensorProto.DOUBLE
     flat = emit.op("Reshape", [x, emit.ints("flat_shape", [0, 0, -1])])
+    flat = emit.cast(flat, elem, work)
     mean = emit.reduce_mean(flat)
     centred = emit.op("Sub", [flat, mean])
     variance = emit.reduce_mean(emit.op("Mul", [centred, centred]))
-    eps = helper.make_tensor("eps", onnx.TensorProto.FLOAT, [], [_epsilon(node)])
-    eps_name = emit.cast(emit.constant("epsilon", eps), elem, {})
-    std = emit.op("Sqrt", [emit.op("Add", [variance, eps_name])])
+    eps = helper.make_tensor("eps", work, [], [_epsilon(node)])
+    std = emit.op("Sqrt", [emit.op("Add", [variance, emit.constant("epsilon", eps)])])
     normalised = emit.op("Div", [centred, std])
     channel_shape = emit.ints("channel_shape", [1, -1, 1])
-    scale_3d = emit.op("Reshape", [emit.cast(scale, elem, types), channel_shape])
-    shift_3d = emit.op("Reshape", [emit.cast(shift, elem, types), channel_shape])
+    scale_3d = emit.op("Reshape", [emit.cast(scale, _elem(types, scale), work), channel_shape])
+    shift_3d = emit.op("Reshape", [emit.cast(shift, _elem(types, shift), work), channel_shape])
     scaled = emit.op("Add", [emit.op("Mul", [normalised, scale_3d]), shift_3d])
+    scaled = emit.cast(scaled, work, elem)
     emit.op("Reshape", [scaled, emit.op("Shape", [x])], output=node.output[0])
     return emit.nodes
 

@@ -34,13 +34,11 @@ def _np_dtype(elem_type: int) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
 
 
-def _filled(name: str, shape, elem_type: int, action: Action, rng, weight=0.0):
+def _filled(name: str, shape, elem_type: int, action: Action, rng):
     """Make the tensor an action prescribes (the weight placeholder holds zeros)."""
     dtype = _np_dtype(elem_type)
     if action is Action.UNIFORM:
         values = rng.random(tuple(shape)).astype(dtype)
-    elif action is Action.WEIGHT:
-        values = np.full(tuple(shape), weight, dtype=dtype)
     else:
         values = np.zeros(tuple(shape), dtype=dtype)
     return numpy_helper.from_array(values, name)
@@ -130,16 +128,29 @@ def _drop_constant_nodes(model: onnx.ModelProto, outputs: set[str]) -> None:
             ref.graph.node.extend(kept)
 
 
-def fill_weights(template: onnx.ModelProto, names: list[str], weight: float):
-    """Return a copy of the template whose weight placeholders hold ``weight``."""
+def fill_weights(
+    template: onnx.ModelProto,
+    names: list[str],
+    weight: float,
+    multipliers: dict[str, np.ndarray] | None = None,
+) -> onnx.ModelProto:
+    """Return a copy of the template whose weight placeholders hold ``weight``.
+
+    A tensor with a multiplier array (from the channel collapse) holds ``weight`` times
+    that array, computed in float64 and then cast to the tensor's type.
+    """
     model = onnx.ModelProto()
     model.CopyFrom(template)
     wanted = set(names)
+    multipliers = multipliers or {}
     for ref in iter_graphs(model):
         for tensor in ref.graph.initializer:
-            if tensor.name in wanted:
-                filled = _filled(
-                    tensor.name, tensor.dims, tensor.data_type, Action.WEIGHT, None, weight
-                )
-                tensor.CopyFrom(filled)
+            if tensor.name not in wanted:
+                continue
+            dtype = _np_dtype(tensor.data_type)
+            if tensor.name in multipliers:
+                values = (weight * multipliers[tensor.name]).astype(dtype)
+            else:
+                values = np.full(tuple(tensor.dims), weight, dtype=dtype)
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
     return model

@@ -5,10 +5,15 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from onnxeps.graphs import consumer_map, iter_graphs
+from onnxeps.errors import RewriteError
+from onnxeps.graphs import consumer_map, iter_graphs, main_opset
 from onnxeps.passes.base import NameScope
 
 __all__ = ["RemoveDropout"]
+
+# From opset 10 the mask is bool; before, it has the input's float type, and
+# ConstantOfShape (used to make the all-true mask) exists only from opset 9.
+_BOOL_MASK_OPSET = 10
 
 
 class RemoveDropout:
@@ -20,13 +25,16 @@ class RemoveDropout:
         consumers = consumer_map(model)
         graph_outputs = {v.name for ref in iter_graphs(model) for v in ref.graph.output}
         names = NameScope(model)
+        opset = main_opset(model)
         changed = False
         # Children first: rebuilding a parent node list copies its subgraphs.
         for ref in reversed(list(iter_graphs(model))):
             nodes = []
             for node in ref.graph.node:
                 if node.op_type == "Dropout" and node.domain in ("", "ai.onnx"):
-                    nodes.extend(_replacement(node, consumers, graph_outputs, names))
+                    nodes.extend(
+                        _replacement(node, consumers, graph_outputs, names, opset)
+                    )
                 else:
                     nodes.append(node)
             if len(nodes) != len(ref.graph.node) or any(
@@ -38,11 +46,20 @@ class RemoveDropout:
         return changed
 
 
-def _replacement(node, consumers, graph_outputs, names) -> list[onnx.NodeProto]:
+def _replacement(
+    node, consumers, graph_outputs, names, opset
+) -> list[onnx.NodeProto]:
     label = node.name or node.output[0]
     nodes = [helper.make_node("Identity", [node.input[0]], [node.output[0]], name=label)]
     mask = node.output[1] if len(node.output) > 1 else ""
     if mask and (consumers.get(mask) or mask in graph_outputs):
+        if opset < _BOOL_MASK_OPSET:
+            raise RewriteError(
+                f"Dropout '{label}' has its mask output '{mask}' read by the graph in "
+                f"a model of opset {opset}; onnxeps rewrites used masks from opset "
+                f"{_BOOL_MASK_OPSET} on.",
+                "Convert the model with onnx.version_converter first.",
+            )
         shape = names.fresh(f"{mask}/shape")
         nodes.append(helper.make_node("Shape", [node.input[0]], [shape], name=shape))
         true = helper.make_tensor("value", onnx.TensorProto.BOOL, [1], [True])

@@ -63,7 +63,11 @@ class ExposeOutput:
             if found is None:
                 value = helper.make_empty_tensor_value_info(self.output_name)
             else:
-                value = helper.make_tensor_value_info(self.output_name, found.elem_type, None)
+                # onnx.checker rejects a graph output without a shape; unknown axes
+                # stay open.
+                value = helper.make_tensor_value_info(
+                    self.output_name, found.elem_type, found.shape
+                )
         kept = onnx.ValueInfoProto()
         kept.CopyFrom(value)
         del graph.output[:]
@@ -71,16 +75,42 @@ class ExposeOutput:
         return True
 
 
+def _prune_flat(graph: onnx.GraphProto) -> None:
+    """Keep the nodes and initializers the outputs depend on (no subgraphs)."""
+    needed = {value.name for value in graph.output}
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+    nodes = list(reversed(kept))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+
+
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    graph_types = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(a.type in graph_types for node in graph.node for a in node.attribute)
+
+
 class PruneUnused:
     """Remove nodes and initializers that do not feed the graph outputs.
 
-    onnx-graphsurgeon does the cleanup; the model metadata it drops is restored.
+    Flat graphs are pruned by a backward sweep over the (topologically sorted) nodes;
+    graphs with If/Loop/Scan bodies go through onnx-graphsurgeon, which follows the
+    bodies' references to outer tensors. The metadata it drops is restored.
     """
 
     name = "prune-unused"
 
     def __call__(self, model: onnx.ModelProto) -> bool:
         before = len(model.graph.node), len(model.graph.initializer)
+        if not _has_subgraphs(model.graph):
+            _prune_flat(model.graph)
+            return (len(model.graph.node), len(model.graph.initializer)) != before
         graph = gs.import_onnx(model)
         graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort()
         pruned = gs.export_onnx(graph, do_type_check=False)

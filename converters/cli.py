@@ -1,0 +1,163 @@
+"""The ``convert`` command group: write NAS-benchmark encodings as ONNX files.
+
+Invalid encodings exit with status 2 (usage error) and a one-line message. A file that
+cannot be written exits with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import onnx
+
+from . import nb101, nb201, nlp
+from ._builder import save_model_atomic
+
+__all__ = ["convert"]
+
+_OUTPUT_OPTION = click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Path of the .onnx file to write.",
+)
+_CLASSES_OPTION = click.option(
+    "--num-classes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Number of classifier outputs.",
+)
+_SEED_OPTION = click.option(
+    "--init-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the initial weights.",
+)
+
+
+@click.group("convert")
+def convert() -> None:
+    """Convert a NAS-benchmark architecture encoding to an ONNX model."""
+
+
+@convert.command("nb201")
+@click.argument("arch_str")
+@_OUTPUT_OPTION
+@_CLASSES_OPTION
+@_SEED_OPTION
+def convert_nb201(
+    arch_str: str, output: Path, num_classes: int, init_seed: int
+) -> None:
+    """Write the NAS-Bench-201 network of ARCH_STR.
+
+    ARCH_STR is an arch string such as '|nor_conv_3x3~0|+|...|+|...|' or a NASLib
+    6-tuple such as '(2, 2, 0, 2, 3, 2)'.
+    """
+    try:
+        if arch_str.strip().startswith("("):
+            arch_str = nb201.arch_from_tuple(arch_str)
+        model = nb201.build(arch_str, num_classes=num_classes, init_seed=init_seed)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="ARCH_STR") from None
+    _write(model, output)
+
+
+@convert.command("nb101")
+@click.option(
+    "--matrix",
+    "matrix_text",
+    required=True,
+    help="Adjacency matrix as JSON text or the path of a JSON file.",
+)
+@click.option(
+    "--ops",
+    "ops_text",
+    required=True,
+    help="Op names (input, ..., output) as JSON text or the path of a JSON file.",
+)
+@_OUTPUT_OPTION
+@_CLASSES_OPTION
+@_SEED_OPTION
+def convert_nb101(
+    matrix_text: str, ops_text: str, output: Path, num_classes: int, init_seed: int
+) -> None:
+    """Write the NAS-Bench-101 network of one cell (pruned before conversion)."""
+    matrix = _read_json(matrix_text, "--matrix")
+    ops = _read_json(ops_text, "--ops")
+    try:
+        model = nb101.build(matrix, ops, num_classes=num_classes, init_seed=init_seed)
+    except ValueError as error:
+        raise click.UsageError(f"invalid cell: {error}") from None
+    _write(model, output)
+
+
+@convert.command("nlp")
+@click.argument("recipe_text", metavar="RECIPE")
+@_OUTPUT_OPTION
+@click.option(
+    "--vocab-size",
+    type=click.IntRange(min=1),
+    default=10000,
+    show_default=True,
+    help="Vocabulary size (10000 for Penn Treebank).",
+)
+@click.option(
+    "--seq-len",
+    type=click.IntRange(min=1),
+    default=70,
+    show_default=True,
+    help="Number of time steps the graph is unrolled over.",
+)
+@_SEED_OPTION
+def convert_nlp(
+    recipe_text: str, output: Path, vocab_size: int, seq_len: int, init_seed: int
+) -> None:
+    """Write the NAS-Bench-NLP language model of RECIPE (JSON text or a JSON file)."""
+    recipe = _read_json(recipe_text, "RECIPE")
+    try:
+        model = nlp.build(recipe, vocab_size, seq_len, init_seed)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="RECIPE") from None
+    _write(model, output)
+
+
+def _read_json(value: str, param_hint: str) -> Any:
+    """Parse ``value`` as the path of a JSON file if that file exists, else as JSON."""
+    path = Path(value)
+    if not path.is_file():
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise click.BadParameter(
+                f"{value!r} is neither an existing file nor valid JSON text ({error})",
+                param_hint=param_hint,
+            ) from None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise click.BadParameter(
+            f"cannot read file {value!r}: {error.strerror or error}",
+            param_hint=param_hint,
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise click.BadParameter(
+            f"file {value!r} does not contain valid JSON ({error})",
+            param_hint=param_hint,
+        ) from None
+
+
+def _write(model: onnx.ModelProto, output: Path) -> None:
+    try:
+        save_model_atomic(model, output)
+    except OSError as error:
+        raise click.ClickException(
+            f"cannot write {str(output)!r}: {error.strerror or error}"
+        ) from None
+    click.echo(f"wrote {output}", err=True)
