@@ -1,7 +1,7 @@
 """The ``convert`` command group: write NAS-benchmark encodings as ONNX files.
 
-Invalid encodings exit with status 2 (usage error) and a one-line message. A file that
-cannot be written exits with status 1.
+Invalid encodings and files that cannot be read or written exit with status 1 and a
+one-line message; usage errors (a missing option) exit with status 2.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def convert_nb201(
             arch_str = nb201.arch_from_tuple(arch_str)
         model = nb201.build(arch_str, num_classes=num_classes, init_seed=init_seed)
     except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="ARCH_STR") from None
+        raise click.ClickException(f"invalid ARCH_STR: {error}") from None
     _write(model, output)
 
 
@@ -94,7 +94,7 @@ def convert_nb101(
     try:
         model = nb101.build(matrix, ops, num_classes=num_classes, init_seed=init_seed)
     except ValueError as error:
-        raise click.UsageError(f"invalid cell: {error}") from None
+        raise click.ClickException(f"invalid cell: {error}") from None
     _write(model, output)
 
 
@@ -124,33 +124,40 @@ def convert_nlp(
     try:
         model = nlp.build(recipe, vocab_size, seq_len, init_seed)
     except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="RECIPE") from None
+        raise click.ClickException(f"invalid RECIPE: {error}") from None
     _write(model, output)
 
 
 def _read_json(value: str, param_hint: str) -> Any:
     """Parse ``value`` as the path of a JSON file if that file exists, else as JSON."""
     path = Path(value)
-    if not path.is_file():
+    if not _is_file(path):
         try:
             return json.loads(value)
         except json.JSONDecodeError as error:
-            raise click.BadParameter(
-                f"{value!r} is neither an existing file nor valid JSON text ({error})",
-                param_hint=param_hint,
+            raise click.ClickException(
+                f"invalid {param_hint}: {value!r} is neither an existing file nor valid "
+                f"JSON text ({error})"
             ) from None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise click.BadParameter(
-            f"cannot read file {value!r}: {error.strerror or error}",
-            param_hint=param_hint,
+        raise click.ClickException(
+            f"invalid {param_hint}: failed to read file {value!r}: "
+            f"{error.strerror or error}"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise click.BadParameter(
-            f"file {value!r} does not contain valid JSON ({error})",
-            param_hint=param_hint,
+        raise click.ClickException(
+            f"invalid {param_hint}: file {value!r} does not contain valid JSON ({error})"
         ) from None
+
+
+def _is_file(path: Path) -> bool:
+    # JSON text longer than the file-name limit makes is_file raise ENAMETOOLONG.
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _write(model: onnx.ModelProto, output: Path) -> None:
@@ -158,6 +165,6 @@ def _write(model: onnx.ModelProto, output: Path) -> None:
         save_model_atomic(model, output)
     except OSError as error:
         raise click.ClickException(
-            f"cannot write {str(output)!r}: {error.strerror or error}"
+            f"failed to write {str(output)!r}: {error.strerror or error}"
         ) from None
     click.echo(f"wrote {output}", err=True)

@@ -4,11 +4,12 @@ The cell is first pruned: vertices that are not on a path from the input vertex 
 the output vertex are removed. The pruned cell must have at most 7 vertices and at most
 9 edges.
 
-The network follows the nasbench library's model builder: a 3x3 convolution stem to
-128 channels with BatchNorm and ReLU, three stacks of three cells, a 2x2 max pool with
-stride 2 before stacks 2 and 3 (cells of those stacks double the width to 256 and
-512), global average pooling and a dense layer. The input ``input`` is float32
-(batch, 3, 32, 32) NCHW and the output ``logits`` is (batch, num_classes).
+The network follows ``model_builder.py`` of the nasbench library
+(google-research/nasbench). A 3x3 convolution stem to 128 channels with BatchNorm
+and ReLU comes first. Three stacks of three cells follow, with a 2x2 max pool of
+stride 2 before stacks 2 and 3, whose cells double the width to 256 and 512. Global
+average pooling and a dense layer (no softmax) end the network. The input ``input`` is
+float32 (batch, 3, 32, 32) NCHW and the output ``logits`` is (batch, num_classes).
 Convolutions have no bias and "same" padding. BatchNorm uses eps 1e-5 and stays in
 inference form.
 
@@ -92,9 +93,9 @@ def prune(
     """Validate a cell and remove the vertices that are not on an input->output path.
 
     Returns the pruned matrix and op list. Raises ValueError if the matrix is not a
-    square, strictly upper-triangular 0/1 matrix, if ``ops`` has the wrong length or an
-    invalid op, if no path joins input and output, or if the pruned cell has more than
-    7 vertices or 9 edges.
+    square, strictly upper-triangular 0/1 matrix, or if ``ops`` has the wrong length or
+    an invalid op. It also raises ValueError if no path joins input and output, or if
+    the pruned cell has more than 7 vertices or 9 edges.
     """
     array = _validate_matrix(matrix)
     _validate_ops(ops, len(array))
@@ -104,18 +105,18 @@ def prune(
         raise ValueError(
             "the cell has no path from the input vertex to the output vertex"
         )
-    kept = sorted(from_input & _reachable(array.T, output))
-    pruned = array[np.ix_(kept, kept)]
-    if len(kept) > MAX_VERTICES:
+    live_vertices = sorted(from_input & _reachable(array.T, output))
+    pruned = array[np.ix_(live_vertices, live_vertices)]
+    if len(live_vertices) > MAX_VERTICES:
         raise ValueError(
-            f"the pruned cell has {len(kept)} vertices; "
+            f"the pruned cell has {len(live_vertices)} vertices; "
             f"at most {MAX_VERTICES} are allowed"
         )
     if pruned.sum() > MAX_EDGES:
         raise ValueError(
             f"the pruned cell has {pruned.sum()} edges; at most {MAX_EDGES} are allowed"
         )
-    return pruned.tolist(), [str(ops[vertex]) for vertex in kept]
+    return pruned.tolist(), [str(ops[vertex]) for vertex in live_vertices]
 
 
 def _validate_matrix(matrix: Sequence[Sequence[int]]) -> np.ndarray:
@@ -145,7 +146,8 @@ def _validate_matrix(matrix: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def _validate_ops(ops: Sequence[str], num_vertices: int) -> None:
-    if not isinstance(ops, Sequence) or isinstance(ops, str) or len(ops) != num_vertices:
+    is_list = isinstance(ops, (Sequence, np.ndarray)) and not isinstance(ops, str)
+    if not is_list or len(ops) != num_vertices:
         raise ValueError(
             f"ops must be a list of {num_vertices} op names, one per matrix row, "
             f"got {ops!r}"

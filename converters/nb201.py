@@ -1,18 +1,18 @@
 """Convert NAS-Bench-201 (NATS-Bench topology) cells to ONNX.
 
-The network is the NATS-Bench topology-space network: a 3x3 convolution stem (16
-channels, no bias) and BatchNorm, three stages of 5 copies of the cell at 16, 32 and
-64 channels, a residual reduction block between stages, then BatchNorm, ReLU, global
-average pooling and a linear classifier. The input ``input`` is float32
-(batch, 3, 32, 32) NCHW and the output ``logits`` is (batch, num_classes).
-BatchNorm uses eps 1e-5 and stays in inference form.
+The network is the NATS-Bench topology-space network. A 3x3 convolution stem (16
+channels, no bias) and BatchNorm come first. Three stages of 5 copies of the cell
+follow at 16, 32 and 64 channels, with a residual reduction block between stages. The
+head is BatchNorm, ReLU, global average pooling and a linear classifier. The input
+``input`` is float32 (batch, 3, 32, 32) NCHW and the output ``logits`` is
+(batch, num_classes). BatchNorm uses eps 1e-5 and stays in inference form.
 
 Cell semantics: node j is the sum of its incoming edges. ``nor_conv_kxk`` is
 ReLU, k x k convolution (stride 1, "same" padding, no bias) and BatchNorm.
 ``avg_pool_3x3`` is a 3x3 average pool (stride 1, padding 1, padding excluded from the
 count). ``skip_connect`` is the identity. ``none`` contributes zeros and is omitted
 when the node has another incoming edge. A node whose every incoming edge is ``none``
-is the sum of ``source * 0`` over its edges, like the reference ``Zero`` op
+is the sum of ``source * 0`` over its edges, like NATS-Bench's ``Zero`` op
 (``x.mul(0.)``), so NaN and inf propagate as they do there. Operations whose output
 is not used (a branch cut off by ``none``) stay in the graph, so the parameter count
 equals the benchmark network's.
@@ -251,8 +251,8 @@ def _add_cell(
                 edge = f"{prefix}.edge_{source}_{target}"
                 terms.append(_add_edge(builder, nodes[source], op, edge, channels))
         if not terms:
-            # Every edge is none: sum source * 0 like the reference Zero op, so NaN
-            # and inf propagate as they do there.
+            # All incoming edges are none. Summing source * 0 like NATS-Bench's Zero
+            # op lets NaN and inf propagate as they do there.
             for _, source in edges:
                 edge = f"{prefix}.edge_{source}_{target}"
                 terms.append(_add_zeros_like(builder, nodes[source], edge))

@@ -37,9 +37,11 @@ Initializer names (``l`` is the layer 0..2, ``node`` a recipe node name):
   (vocab_size,), role ``bias``
 - ``one`` (a scalar 1.0, role ``keep``) when the recipe has a blend
 
-Default initial values follow the benchmark's training code: linear weights and biases
-U(-1/sqrt(hidden), 1/sqrt(hidden)), embedding U(-0.1, 0.1), decoder bias 0, initial
-states 0. ``decoder.weight`` defaults to the transpose of the embedding's value.
+Default initial values: linear weights and biases are U(-1/sqrt(hidden),
+1/sqrt(hidden)), as the benchmark's ``CustomRNN.reset_parameters`` draws them. The
+embedding is U(-0.1, 0.1) and the decoder bias 0, a common language-model
+initialization that is not taken from the benchmark's code. Initial states are 0, and
+``decoder.weight`` defaults to the transpose of the embedding's value.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ def _parse_node(name: str, entry: Any) -> RecipeNode:
 
 
 def _count_states(nodes: Mapping[str, RecipeNode]) -> int:
-    """Return K for states h_new_0..h_new_{K-1}; raise ValueError if there is a gap."""
+    """Return K for states h_new_0..h_new_{K-1}. Raise ValueError if one is missing."""
     numbers = sorted(
         int(match.group(2))
         for name in nodes
@@ -204,7 +206,7 @@ def _check_references(nodes: Mapping[str, RecipeNode], num_states: int) -> None:
 
 
 def _topological_order(nodes: Mapping[str, RecipeNode]) -> list[str]:
-    """Order nodes so each follows its inputs; raise ValueError naming a cycle."""
+    """Order nodes so each follows its inputs. Raise ValueError naming a cycle."""
     order: list[str] = []
     state: dict[str, str] = {}
     for start in nodes:
@@ -408,7 +410,7 @@ def _add_layer(
 def _add_cell_parameters(
     builder: GraphBuilder, recipe: Recipe, prefix: str, sizes: tuple[int, int]
 ) -> dict[str, tuple[list[str], str]]:
-    """Add the weights and bias of every linear node; return them by node name."""
+    """Add the weights and bias of every linear node and return them by node name."""
     in_size, hidden = sizes
     init = uniform(1.0 / np.sqrt(hidden))
     parameters = {}
@@ -507,10 +509,10 @@ def _add_blend(builder: GraphBuilder, inputs: list[str], prefix: str) -> str:
     """Add z*a + (1 - z)*b for inputs (z, a, b)."""
     z, a, b = inputs
     one = builder.shared_constant("one", np.ones((), dtype=np.float32))
-    kept = builder.add_node("Mul", [z, a], prefix)
-    complement = builder.add_node("Sub", [one, z], prefix)
-    mixed = builder.add_node("Mul", [complement, b], prefix)
-    return builder.add_node("Add", [kept, mixed], prefix)
+    z_times_a = builder.add_node("Mul", [z, a], prefix)
+    one_minus_z = builder.add_node("Sub", [one, z], prefix)
+    rest_times_b = builder.add_node("Mul", [one_minus_z, b], prefix)
+    return builder.add_node("Add", [z_times_a, rest_times_b], prefix)
 
 
 def _stack_steps(builder: GraphBuilder, steps: list[str]) -> str:

@@ -244,8 +244,9 @@ def _progress_printer(label: str):
 @click.option("--format", "fmt", type=click.Choice(["md", "json"]), help="Report format. [default: from -o, else md]")
 @click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), help="Write the report to FILE.")
 @click.option("--records", "records_path", type=click.Path(dir_okay=False), help="Write per-model score records (JSON Lines) to FILE.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a scatter plot PNG (score against truth) to FILE; needs onnxeps[plot].")
 @_verbosity
-def bench_command(space, truth, sample, sample_seed, input_path, synthetic, records_path, fmt, output_path, verbose, quiet, **options) -> None:
+def bench_command(space, truth, sample, sample_seed, input_path, synthetic, records_path, plot_path, fmt, output_path, verbose, quiet, **options) -> None:
     """Score architectures of SPACE and rank them against the ground truth."""
     import json as json_module
 
@@ -272,6 +273,14 @@ def bench_command(space, truth, sample, sample_seed, input_path, synthetic, reco
             bar.render_finish()
     if records_path is not None:
         atomic_write_text(records_path, render(result.records, "json", []))
+    if plot_path is not None:
+        from onnxeps.plot import scatter_plot
+
+        try:
+            scatter_plot(result.records, result.summary, plot_path)
+        except OnnxepsError as error:
+            log.error("%s", error)
+            sys.exit(1)
     text = (
         json_module.dumps(result.summary, indent=2, default=str) + "\n"
         if fmt == "json"

@@ -9,6 +9,7 @@ first ``seq_len`` rows form the batch. Penn Treebank gives 10,000 ids.
 from __future__ import annotations
 
 import zipfile
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +64,15 @@ def _tokens(text: str) -> list[str]:
     return words
 
 
+@lru_cache(maxsize=4)
 def token_batch(
     path: str | Path, seq_len: int, batch_size: int
 ) -> tuple[np.ndarray, int]:
-    """Return the (seq_len, batch_size) int64 token batch and the vocabulary size."""
+    """Return the (seq_len, batch_size) int64 token batch and the vocabulary size.
+
+    Results are cached per (path, seq_len, batch_size), so a benchmark reads the text
+    once; the returned array is read-only.
+    """
     splits = read_splits(path)
     vocabulary: dict[str, int] = {}
     streams: dict[str, list[int]] = {}
@@ -82,4 +88,6 @@ def token_batch(
             f"{batch_size} columns of {seq_len} steps."
         )
     columns = train[: rows * batch_size].reshape(batch_size, rows).T
-    return np.ascontiguousarray(columns[:seq_len]), len(vocabulary)
+    batch = np.ascontiguousarray(columns[:seq_len])
+    batch.flags.writeable = False
+    return batch, len(vocabulary)

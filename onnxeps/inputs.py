@@ -97,14 +97,24 @@ def _dim(dim) -> int | str | None:
     return None
 
 
-def _axis_kind(name: str | None, position: int, first_free: bool) -> str:
-    """Return 'batch' or 'sequence' for a symbolic axis."""
+def _axis_kind(name: str | None) -> str:
+    """Return 'batch', 'sequence' or 'unnamed' for a symbolic axis by its name."""
     lowered = (name or "").lower()
     if any(word in lowered for word in _SEQUENCE_WORDS):
         return "sequence"
     if lowered in _BATCH_WORDS or "batch" in lowered:
         return "batch"
-    return "batch" if first_free else "sequence"
+    return "unnamed"
+
+
+def _symbolic_batch_axis(shape: tuple[int | str | None, ...]) -> int | None:
+    """Return the axis named as the batch, else the first unnamed symbolic axis."""
+    kinds = [(i, _axis_kind(d)) for i, d in enumerate(shape) if not isinstance(d, int)]
+    for wanted in ("batch", "unnamed"):
+        for position, kind in kinds:
+            if kind == wanted:
+                return position
+    return None
 
 
 def _resolve_shape(
@@ -118,14 +128,11 @@ def _resolve_shape(
             "Pass --input with an array for it.",
         )
     shape: list[int] = []
-    batch_axis = None
+    batch_axis = _symbolic_batch_axis(spec.shape)
     for position, dim in enumerate(spec.shape):
         if isinstance(dim, int):
             shape.append(dim)
-            continue
-        kind = _axis_kind(dim, position, batch_axis is None)
-        if kind == "batch" and batch_axis is None:
-            batch_axis = position
+        elif position == batch_axis:
             shape.append(batch_size)
         else:
             shape.append(seq_len)

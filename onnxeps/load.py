@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -37,6 +37,7 @@ class LoadedModel:
     sha256: str
     label: str
     base_dir: Path | None
+    warnings: list[str] = field(default_factory=list)
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -60,49 +61,62 @@ def _external_locations(model: onnx.ModelProto) -> list[str]:
     return locations
 
 
-def _resolve_external(path: Path, location: str) -> Path:
+def _resolve_external(path: Path, location: str, label: str) -> Path:
     base = path.parent.resolve()
     candidate = (base / location).resolve()
     if base not in candidate.parents:
         raise ModelLoadError(
-            f"{path}: external data location {location!r} points outside the model's "
+            f"{label}: external data location {location!r} points outside the model's "
             "folder.",
             "Keep external data files beside the .onnx file.",
         )
     if not candidate.is_file():
         raise ModelLoadError(
-            f"{path}: external data file {location!r} not found beside the model.",
+            f"{label}: external data file {location!r} not found beside the model.",
             "Copy the .onnx file together with its external data files.",
         )
     return candidate
 
 
-def _parse(path: Path) -> onnx.ModelProto:
+def _parse(path: Path, label: str) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, TypeError, OSError) as error:
         raise ModelLoadError(
-            f"{path}: not a valid ONNX model ({type(error).__name__}: {error}).",
+            f"{label}: not a valid ONNX model ({type(error).__name__}: {error}).",
             "Check that the file is a complete .onnx export.",
         ) from error
-    if not model.HasField("graph") or model.ir_version <= 0:
+    # A file cut off right after the graph still parses, but without its opset imports.
+    if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
         raise ModelLoadError(
-            f"{path}: not a valid ONNX model (no graph or no IR version).",
+            f"{label}: not a valid ONNX model (no graph, IR version or opset import).",
             "Check that the file is a complete .onnx export.",
         )
     return model
 
 
-def _load_path(path: Path) -> LoadedModel:
+def _checker_warnings(model: str | onnx.ModelProto) -> list[str]:
+    """Run onnx.checker (by path for files, so models over 2 GB work)."""
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        return [f"onnx.checker rejects the model ({first}); ONNX Runtime may still run it"]
+    return []
+
+
+def _load_path(path: Path, label: str) -> LoadedModel:
+    """Load a model file; ``label`` is the path as the caller wrote it."""
     if not path.exists():
-        raise ModelLoadError(f"{path}: file not found.")
+        raise ModelLoadError(f"{label}: file not found.")
     if not path.is_file():
-        raise ModelLoadError(f"{path}: not a file.")
-    model = _parse(path)
-    externals = [_resolve_external(path, loc) for loc in _external_locations(model)]
+        raise ModelLoadError(f"{label}: not a file.")
+    model = _parse(path, label)
+    locations = _external_locations(model)
+    externals = [_resolve_external(path, loc, label) for loc in locations]
     sha = _hash_files([path, *externals])
-    log.debug("loaded %s (%d external files, sha256 %s)", path, len(externals), sha)
-    return LoadedModel(model, sha, str(path), path.parent)
+    log.debug("loaded %s (%d external files, sha256 %s)", label, len(externals), sha)
+    return LoadedModel(model, sha, label, path.parent, _checker_warnings(str(path)))
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
@@ -123,5 +137,6 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
                 "Save models over 2 GB with external data and pass the path.",
             ) from error
         sha = hashlib.sha256(data).hexdigest()
-        return LoadedModel(copy, sha, copy.graph.name or "<in-memory model>", None)
-    return _load_path(Path(model))
+        label = copy.graph.name or "<in-memory model>"
+        return LoadedModel(copy, sha, label, None, _checker_warnings(copy))
+    return _load_path(Path(model), os.fspath(model))

@@ -9,10 +9,18 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
-__all__ = ["FORMATS", "format_from_path", "render", "write_output", "atomic_write_text"]
+__all__ = [
+    "FORMATS",
+    "format_from_path",
+    "render",
+    "write_output",
+    "atomic_write",
+    "atomic_write_text",
+]
 
 FORMATS = ("table", "json", "csv")
 _EXTENSIONS = {
@@ -101,18 +109,34 @@ def render(
     return _render_table(records, table_columns or columns)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a part."""
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file so that readers see the old content or the new, never a part.
+
+    ``write`` fills a temporary file in the target's folder, which then replaces the
+    target; the file gets the usual permissions (0666 less the umask).
+    """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def write_output(text: str, path: str | os.PathLike | None) -> None:

@@ -303,6 +303,6 @@ def score(
         output=output,
         preset=s.preset,
         provider=provider,
-        warnings=[*plan.warnings, *batch.warnings],
+        warnings=[*loaded.warnings, *plan.warnings, *batch.warnings],
         seconds=time.perf_counter() - started,
     )

@@ -43,7 +43,9 @@ NAMED_CELLS = {
     "index_0": INDEX_0,
     "index_13714": INDEX_13714,
     # Node 1 is all-none but node 3 reads node 0 directly.
-    "node1_none": "|none~0|+|nor_conv_3x3~0|none~1|+|skip_connect~0|none~1|nor_conv_1x1~2|",
+    "node1_none": (
+        "|none~0|+|nor_conv_3x3~0|none~1|+|skip_connect~0|none~1|nor_conv_1x1~2|"
+    ),
 }
 NUM_SAMPLED_CELLS = 16
 SAMPLE_SEED = 201
@@ -119,14 +121,18 @@ class TorchReduction(nn.Module):
 class TorchNB201(nn.Module):
     def __init__(self, arch_str: str, num_classes: int) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        )
         blocks: list[nn.Module] = []
         for stage, channels in enumerate((16, 32, 64)):
             if stage > 0:
                 blocks.append(TorchReduction(channels // 2, channels))
             blocks.extend(TorchCell(arch_str, channels) for _ in range(5))
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(
+            nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.classifier = nn.Linear(64, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,23 +183,31 @@ def exported_weights(network: nn.Module) -> dict[str, np.ndarray]:
 
 
 def run_onnx(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     return session.run(["logits"], {"input": images})[0]
 
 
 def random_images(batch: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(batch, 3, 32, 32)).astype(np.float32)
+    images = np.random.default_rng(seed).normal(size=(batch, 3, 32, 32))
+    return images.astype(np.float32)
 
 
 def assert_matches_torch(arch_str: str, seed: int) -> None:
     network = randomized_torch_network(arch_str, seed)
-    model = nb201.build(arch_str, num_classes=CLASSES, weights=exported_weights(network))
+    weights = exported_weights(network)
+    model = nb201.build(arch_str, num_classes=CLASSES, weights=weights)
     images = random_images(3, seed)
     with torch.no_grad():
         expected = network(torch.from_numpy(images)).numpy()
     actual = run_onnx(model, images)
     assert actual.shape == (3, CLASSES)
     np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+def node_attributes(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def metadata(model: onnx.ModelProto) -> dict[str, str]:
@@ -248,7 +262,9 @@ def test_arch_from_tuple_text_form() -> None:
     assert nb201.arch_from_tuple("(2, 2, 0, 2, 3, 2)") == INDEX_13714
 
 
-def test_arch_from_tuple_matches_every_csv_row(nb201_rows: list[dict[str, str]]) -> None:
+def test_arch_from_tuple_matches_every_csv_row(
+    nb201_rows: list[dict[str, str]],
+) -> None:
     mismatches = [
         row["nb201_index"]
         for row in nb201_rows
@@ -274,7 +290,10 @@ def test_parse_arch_accepts_every_csv_row(nb201_rows: list[dict[str, str]]) -> N
         ("|none~0|+|none~0|+|none~0|none~1|none~2|", "has 1 entries, expected 2"),
         ("|none~0|+|none~1|none~0|+|none~0|none~1|none~2|", "has source 1, expected 0"),
         ("none~0+|none~0|none~1|+|none~0|none~1|none~2|", "expected '|op~src|...|'"),
-        ("|none|+|none~0|none~1|+|none~0|none~1|none~2|", "invalid entry 'none' for edge 0->1"),
+        (
+            "|none|+|none~0|none~1|+|none~0|none~1|none~2|",
+            "invalid entry 'none' for edge 0->1",
+        ),
         ("", "expected 3 groups"),
     ],
 )
@@ -317,7 +336,9 @@ def test_build_matches_torch_named_cell(name: str) -> None:
 
 
 @pytest.mark.parametrize("position", range(NUM_SAMPLED_CELLS))
-def test_build_matches_torch_sampled_cell(sampled_cells: list[str], position: int) -> None:
+def test_build_matches_torch_sampled_cell(
+    sampled_cells: list[str], position: int
+) -> None:
     assert_matches_torch(sampled_cells[position], seed=position)
 
 
@@ -362,7 +383,7 @@ def test_build_roles_cover_float_initializers() -> None:
 def test_build_batchnorm_inference_form() -> None:
     model = nb201.build(INDEX_13714)
     norms = [node for node in model.graph.node if node.op_type == "BatchNormalization"]
-    attributes = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in norms]
+    attributes = [node_attributes(node) for node in norms]
     # stem, head, 2 per reduction block and 5 convolution edges in each of 15 cells
     assert len(norms) == 1 + 1 + 2 * 2 + 5 * 15
     assert all(a["training_mode"] == 0 for a in attributes)
@@ -427,12 +448,14 @@ def test_build_default_weights_he_normal() -> None:
 
 
 def test_build_rejects_unknown_weight_name() -> None:
-    with pytest.raises(ValueError, match=r"not initializers of this network: \['stem.0.weight'\]"):
+    message = r"not initializers of this network: \['stem.0.weight'\]"
+    with pytest.raises(ValueError, match=message):
         nb201.build(INDEX_0, weights={"stem.0.weight": np.zeros((16, 3, 3, 3))})
 
 
 def test_build_rejects_wrong_weight_shape() -> None:
-    with pytest.raises(ValueError, match=r"weights\['stem.conv.weight'\] has shape \(16, 3\)"):
+    message = r"weights\['stem.conv.weight'\] has shape \(16, 3\)"
+    with pytest.raises(ValueError, match=message):
         nb201.build(INDEX_0, weights={"stem.conv.weight": np.zeros((16, 3))})
 
 
@@ -466,17 +489,19 @@ def test_cli_nb201_writes_model(tmp_path: Path) -> None:
 
 def test_cli_nb201_accepts_naslib_tuple(tmp_path: Path) -> None:
     output = tmp_path / "cell.onnx"
-    result = CliRunner().invoke(convert_group, ["nb201", "(2, 2, 0, 2, 3, 2)", "-o", str(output)])
+    arguments = ["nb201", "(2, 2, 0, 2, 3, 2)", "-o", str(output)]
+    result = CliRunner().invoke(convert_group, arguments)
     assert result.exit_code == 0
     assert metadata(onnx.load(output))["onnxeps.encoding"] == INDEX_13714
 
 
-def test_cli_nb201_bad_arch_exits_2(tmp_path: Path) -> None:
+def test_cli_nb201_bad_arch_exits_1(tmp_path: Path) -> None:
     output = tmp_path / "cell.onnx"
     arch = "|conv_5x5~0|+|none~0|none~1|+|none~0|none~1|none~2|"
     result = CliRunner().invoke(convert_group, ["nb201", arch, "-o", str(output)])
-    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert result.exit_code == 2
+    lines = result.output.splitlines()
+    error_lines = [line for line in lines if line.startswith("Error:")]
+    assert result.exit_code == 1
     assert len(error_lines) == 1
     assert "unknown op 'conv_5x5' on edge 0->1" in error_lines[0]
     assert "Traceback" not in result.output
@@ -487,5 +512,5 @@ def test_cli_nb201_unwritable_path_exits_1(tmp_path: Path) -> None:
     output = tmp_path / "missing" / "cell.onnx"
     result = CliRunner().invoke(convert_group, ["nb201", INDEX_0, "-o", str(output)])
     assert result.exit_code == 1
-    assert result.output.startswith("Error: cannot write")
+    assert result.output.startswith("Error: failed to write")
     assert len(result.output.splitlines()) == 1

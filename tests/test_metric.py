@@ -93,7 +93,8 @@ def _pair_of_arrays(dtype, elements):
 
 
 _FINITE_64 = st.floats(-1e300, 1e300, allow_nan=False, allow_infinity=False)
-# Every finite float32 value, subnormals included: float32 ranges cannot overflow float64.
+# Every finite float32 value, subnormals included. A float32 range cannot overflow
+# float64.
 _FINITE_32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
 # A small set of values makes ties, shared minima and constant runs common.
 _FEW_VALUES = st.sampled_from([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0])
@@ -216,9 +217,10 @@ def test_epsilon_tied_minima_all_dropped():
 
 
 def test_epsilon_tied_maxima_defined():
-    result = epsilon(np.array([0.0, 2.0, 2.0, 1.0]), np.array([0.0, 2.0, 2.0, 2.0]))
-    assert result.defined
-    assert_matches_oracle(np.array([0.0, 2.0, 2.0, 1.0]), np.array([0.0, 2.0, 2.0, 2.0]))
+    output_1 = np.array([0.0, 2.0, 2.0, 1.0])
+    output_2 = np.array([0.0, 2.0, 2.0, 2.0])
+    assert epsilon(output_1, output_2).defined
+    assert_matches_oracle(output_1, output_2)
 
 
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])

@@ -12,6 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxeps.errors import OnnxepsError, RewriteError
+from onnxeps.graphs import iter_graphs
 from onnxeps.passes.base import NameScope, run_passes
 from onnxeps.passes.batchnorm import BatchNormToBatchStatistics
 from onnxeps.passes.constants import ApplyConstants, fill_weights
@@ -438,7 +439,8 @@ def test_fill_weights_sets_value():
     model = _conv_model()
     rewrite, _ = apply_constants(model)
     filled = fill_weights(model, rewrite.weight_tensors, 0.5)
-    assert np.array_equal(initializer(filled, "w"), np.full((4, 3, 3, 3), 0.5, np.float32))
+    expected = np.full((4, 3, 3, 3), 0.5, np.float32)
+    assert np.array_equal(initializer(filled, "w"), expected)
     assert initializer(filled, "w").dtype == np.float32
     # The template keeps its placeholders for the next weight.
     assert np.array_equal(initializer(model, "w"), np.zeros((4, 3, 3, 3), np.float32))
@@ -498,6 +500,59 @@ def test_apply_constants_split_through_transpose():
     x = np.ones((1, 2), np.float32)
     y, z = check_and_run(filled, {"x": x, "gate": np.ones((2, 3), np.float32)})
     assert np.array_equal(y, np.full((1, 3), 2.0, np.float32))
+    assert np.array_equal(z, original)
+
+
+def test_apply_constants_split_embedding_shared():
+    # A tied embedding: two Gathers read the table, a MatMul reads its transpose. Both
+    # Gathers must see one table, or equal tokens would get different embeddings.
+    text = """
+    g (int64[N] a, int64[N] b, float[N,4] h) => (float[N,4] ea, float[N,4] eb,
+                                                 float[N,10] logits) {
+      ea = Gather (table, a)
+      eb = Gather (table, b)
+      t = Transpose <perm = [1, 0]> (table)
+      logits = MatMul (h, t)
+    }
+    """
+    model = make_model(text, table=np.full((10, 4), 9.0, np.float32))
+    rewrite, _ = apply_constants(model, seed=3)
+    gathers = [node for node in model.graph.node if node.op_type == "Gather"]
+    assert gathers[0].input[0] == gathers[1].input[0]
+    assert len(rewrite.weight_tensors) == 1
+    assert initializer(model, rewrite.weight_tensors[0]).shape == (4, 10)
+    filled = fill_weights(model, rewrite.weight_tensors, 1.0)
+    ids = np.arange(10, dtype=np.int64)
+    feeds = {"a": ids, "b": ids, "h": np.ones((10, 4), np.float32)}
+    ea, eb, logits = check_and_run(filled, feeds)
+    assert np.array_equal(ea, eb)
+    expected = np.random.default_rng(3).random((10, 4)).astype(np.float32)
+    assert np.array_equal(ea, expected)
+    assert np.array_equal(logits, np.full((10, 10), 4.0, np.float32))
+
+
+def test_apply_constants_split_read_in_if_branch():
+    text = """
+    g (bool c, float[2,3] x, float[3,3] gate) => (float[2,3] y, float[3,3] z) {
+      y = If (c) <
+        then_branch = tb () => (float[2,3] t) { t = MatMul (x, w) },
+        else_branch = eb () => (float[2,3] e) { e = Identity (x) }
+      >
+      z = Mul (gate, w)
+    }
+    """
+    original = np.arange(9, dtype=np.float32).reshape(3, 3)
+    model = make_model(text, w=original)
+    rewrite, _ = apply_constants(model)
+    assert rewrite.weight_tensors == ["w/weight"]
+    filled = fill_weights(model, rewrite.weight_tensors, 1.0)
+    feeds = {
+        "c": np.array(True),
+        "x": np.ones((2, 3), np.float32),
+        "gate": np.ones((3, 3), np.float32),
+    }
+    y, z = check_and_run(filled, feeds)
+    assert np.array_equal(y, np.full((2, 3), 3.0, np.float32))
     assert np.array_equal(z, original)
 
 
@@ -587,7 +642,8 @@ def test_apply_constants_lstm_recurrent_as_weight():
     rewrite, _ = apply_constants(nlp, recurrent_as_weight=True)
     assert sorted(rewrite.weight_tensors) == ["b", "h0", "r", "w"]
     filled = fill_weights(nlp, rewrite.weight_tensors, 0.25)
-    assert np.array_equal(initializer(filled, "h0"), np.full((1, 4, 2), 0.25, np.float32))
+    expected = np.full((1, 4, 2), 0.25, np.float32)
+    assert np.array_equal(initializer(filled, "h0"), expected)
     check_and_run(filled, {"x": np.ones((5, 4, 3), np.float32)})
 
 
@@ -709,7 +765,9 @@ def test_scored_output_name_unknown_lists_outputs():
 
 
 def test_scored_output_name_unknown_no_suggestion():
-    with pytest.raises(UnknownOutputError, match=r"node outputs of the main graph can be scored\.$"):
+    with pytest.raises(
+        UnknownOutputError, match=r"node outputs of the main graph can be scored\.$"
+    ):
         scored_output_name(_two_stage_model(), "logits_of_something_else")
 
 
@@ -733,6 +791,31 @@ def test_prune_unused_keeps_metadata():
     check_and_run(model, {"x": np.ones((1, 4), np.float32)})
 
 
+def test_prune_unused_with_subgraph_keeps_metadata():
+    # A graph with an If body takes the onnx-graphsurgeon route, which drops metadata.
+    text = """
+    g (bool c, float[2,3] x) => (float[2,3] y) {
+      unused = Neg (x)
+      y = If (c) <
+        then_branch = tb () => (float[2,3] t) { t = MatMul (x, w) },
+        else_branch = eb () => (float[2,3] e) { e = Identity (x) }
+      >
+    }
+    """
+    model = make_model(text, w=np.eye(3, dtype=np.float32))
+    model.doc_string = "model with a branch"
+    helper.set_model_props(model, {"origin": "tests"})
+    assert PruneUnused()(model)
+    assert op_types(model.graph) == ["If"]
+    # onnx-graphsurgeon moves an initializer read only by one body into that body.
+    initializers = [t.name for ref in iter_graphs(model) for t in ref.graph.initializer]
+    assert initializers == ["w"]
+    assert model.doc_string == "model with a branch"
+    assert {p.key: p.value for p in model.metadata_props} == {"origin": "tests"}
+    feeds = {"c": np.array(True), "x": np.ones((2, 3), np.float32)}
+    assert np.array_equal(check_and_run(model, feeds)[0], np.ones((2, 3), np.float32))
+
+
 def test_prune_unused_drops_initializers():
     text = """
     g (float[N,4] x) => (float[N,4] y) {
@@ -740,7 +823,8 @@ def test_prune_unused_drops_initializers():
       y = MatMul (x, w)
     }
     """
-    model = make_model(text, w=np.eye(4, dtype=np.float32), w2=np.eye(4, dtype=np.float32))
+    identity = np.eye(4, dtype=np.float32)
+    model = make_model(text, w=identity, w2=identity)
     assert PruneUnused()(model)
     assert [t.name for t in model.graph.initializer] == ["w"]
 

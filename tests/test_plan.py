@@ -471,7 +471,8 @@ g (float[2,3] x) => (float[2,3] y) {
   trips = Constant <value = int64 {2}> ()
   go = Constant <value = bool {1}> ()
   y = Loop (trips, go, x) <
-    body = body_graph (int64 i, bool c_in, float[2,3] h) => (bool c_out, float[2,3] h_out) {
+    body = body_graph (int64 i, bool c_in, float[2,3] h)
+        => (bool c_out, float[2,3] h_out) {
       c_out = Identity (c_in)
       h_out = MatMul (h, w)
     }
@@ -537,7 +538,8 @@ def test_plan_scan_state_input_followed():
     g (float[5,3] xs) => (float[3,3] w_last, float[5,3] ys) {
       w_last, ys = Scan <
         num_scan_inputs = 1,
-        body = step (float[3,3] w_in, float[3] x_t) => (float[3,3] w_out, float[3] y_t) {
+        body = step (float[3,3] w_in, float[3] x_t)
+            => (float[3,3] w_out, float[3] y_t) {
           w_out = Identity (w_in)
           y_t = MatMul (x_t, w_in)
         }
@@ -666,7 +668,9 @@ def test_plan_operator_without_rule_unknown():
     text = "g (float[N,3] x) => (float[N,3] y) { y = PRelu (x, slope) }"
     plan = build_plan(make_model(text, slope=ones(3)))
     assert only_entry(plan, "slope").role is Role.KEEP
-    text = "g (float[N,3] x) => (float[N,3] y) { y = Einsum <equation = \"ij,jk->ik\"> (x, w) }"
+    text = """
+    g (float[N,3] x) => (float[N,3] y) { y = Einsum <equation = "ij,jk->ik"> (x, w) }
+    """
     plan = build_plan(make_model(text, w=ones(3, 3)))
     assert only_entry(plan, "w").role is Role.UNKNOWN
     assert only_entry(plan, "w").reason == "no rule for Einsum input 1"
@@ -715,7 +719,9 @@ def test_plan_pass_through_chain():
 
 
 def test_plan_random_operator_warns():
-    text = "g (float[N,3] x) => (float[N,3] y) { n = RandomNormalLike (x) y = Add (x, n) }"
+    text = """
+    g (float[N,3] x) => (float[N,3] y) { n = RandomNormalLike (x) y = Add (x, n) }
+    """
     plan = build_plan(make_model(text))
     assert any("RandomNormalLike" in warning for warning in plan.warnings)
 

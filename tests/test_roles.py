@@ -30,7 +30,7 @@ _VARIADIC = onnx.defs.OpSchema.FormalParameterOption.Variadic
 
 
 def schema_input_name(op_type: str, slot: int) -> str | None:
-    """Return the schema's name of input ``slot`` (the variadic tail included), or None."""
+    """Return the schema's name of input ``slot`` (variadic tail included), or None."""
     inputs = onnx.defs.get_schema(op_type).inputs
     if slot < len(inputs):
         return inputs[slot].name
@@ -45,7 +45,9 @@ _SLOT_CASES = [
     for slot, rule in slots.items()
 ]
 _KEEP_CASES = [
-    (op, slot, name) for op, slots in KEEP_SLOTS.items() for slot, (name, _) in slots.items()
+    (op, slot, name)
+    for op, slots in KEEP_SLOTS.items()
+    for slot, (name, _) in slots.items()
 ]
 _OP_SETS = {
     "ARITHMETIC": ARITHMETIC,

@@ -89,16 +89,28 @@ class ApplyConstants:
         graph.initializer.append(self._new_tensor(name, entry.shape, elem_type, entry.action))
 
     def _split(self, entry: PlanEntry, graphs, names: NameScope, types) -> None:
-        """Give every operator input of this role its own rewritten copy."""
+        """Give the operator inputs of this role a rewritten copy of what they read.
+
+        Inputs that read the same value share one copy, so that an embedding read by
+        two Gathers stays one table. A copy of the constant itself sits in the
+        constant's graph, which every graph that reads it can see.
+        """
+        copies: dict[tuple[str, str], str] = {}
         for terminal in entry.uses:
             node, slot = terminal.use.node, terminal.use.slot
             read = node.input[slot]
-            shape, elem_type = _value_type(read, entry, types)
-            fresh = names.fresh(f"{entry.tensor}/{entry.role}")
-            tensor = self._new_tensor(fresh, shape, elem_type, entry.action)
-            graphs[terminal.use.graph_path].initializer.append(tensor)
-            node.input[slot] = fresh
-            log.debug("split '%s': %s reads '%s'", entry.tensor, terminal.describe(), fresh)
+            path = entry.graph if read == entry.tensor else terminal.use.graph_path
+            if (path, read) not in copies:
+                shape, elem_type = _value_type(read, entry, types)
+                fresh = names.fresh(f"{entry.tensor}/{entry.role}")
+                tensor = self._new_tensor(fresh, shape, elem_type, entry.action)
+                graphs[path].initializer.append(tensor)
+                copies[(path, read)] = fresh
+            node.input[slot] = copies[(path, read)]
+            log.debug(
+                "split '%s': %s reads '%s'", entry.tensor, terminal.describe(),
+                copies[(path, read)],
+            )  # fmt: skip
 
 
 def _value_type(name: str, entry: PlanEntry, types) -> tuple[tuple[int, ...], int]:
