@@ -95,11 +95,18 @@ def _output_options(function):
     )(function)
 
 
+def _check_folder(path: str | None) -> None:
+    """Fail before any work when an output file's folder does not exist."""
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise click.UsageError(f"{path}: folder {str(Path(path).parent)!r} does not exist.")
+
+
 def _resolve_format(fmt: str | None, output_path: str | None, models) -> str:
     if output_path is not None and any(
         Path(output_path).resolve() == Path(m).resolve() for m in models
     ):
         raise click.UsageError(f"-o {output_path} would overwrite an input model.")
+    _check_folder(output_path)
     if fmt is not None:
         return fmt
     if output_path is None:
@@ -117,6 +124,15 @@ def _resolve_format(fmt: str | None, output_path: str | None, models) -> str:
 @click.version_option(package_name="onnxeps")
 def main() -> None:
     """Score neural-network architectures from ONNX files with epsilon (epsinas)."""
+
+
+def _write_or_fail(text: str, path: str | None) -> None:
+    """Write records, turning a failed file write into one error line and exit 1."""
+    try:
+        write_output(text, path)
+    except OSError as error:
+        log.error("cannot write %s: %s", path, error.strerror or error)
+        sys.exit(1)
 
 
 def _report_error(model: str, error: Exception) -> None:
@@ -178,7 +194,7 @@ def score_command(models, input_path, synthetic, fmt, output_path, verbose, quie
             log.warning("%s: %s", model, warning)
         results.append(result)
     records = [result.record() for result in results]
-    write_output(render(records, fmt, SCORE_COLUMNS, SCORE_TABLE_COLUMNS), output_path)
+    _write_or_fail(render(records, fmt, SCORE_COLUMNS, SCORE_TABLE_COLUMNS), output_path)
     if len(models) > 1:
         _summarise(results, len(models))
     if len(results) < len(models):
@@ -207,7 +223,7 @@ def plan_command(model, preset, strict, fmt, output_path, verbose, quiet) -> Non
         _report_error(model, error)
         sys.exit(1)
     records = [{"model": model, **entry.record()} for entry in result.entries]
-    write_output(render(records, fmt, PLAN_COLUMNS, PLAN_TABLE_COLUMNS), output_path)
+    _write_or_fail(render(records, fmt, PLAN_COLUMNS, PLAN_TABLE_COLUMNS), output_path)
     for warning in result.warnings:
         log.warning("%s: %s", model, warning)
     if result.quantized:
@@ -251,12 +267,13 @@ def bench_command(space, truth, sample, sample_seed, input_path, synthetic, reco
     import json as json_module
 
     from onnxeps.bench import render_markdown, run_bench
-    from onnxeps.report import atomic_write_text
 
     _configure_logging(verbose, quiet)
     if input_path is not None and synthetic is not None:
         raise click.UsageError("give --input or --synthetic, not both.")
     size = _parse_sample(sample)
+    for path in (output_path, records_path, plot_path):
+        _check_folder(path)
     fmt = fmt or ("json" if output_path and output_path.endswith(".json") else "md")
     bar, update = _progress_printer(f"scoring {space}")
     try:
@@ -272,7 +289,7 @@ def bench_command(space, truth, sample, sample_seed, input_path, synthetic, reco
         if bar is not None:
             bar.render_finish()
     if records_path is not None:
-        atomic_write_text(records_path, render(result.records, "json", []))
+        _write_or_fail(render(result.records, "json", []), records_path)
     if plot_path is not None:
         from onnxeps.plot import scatter_plot
 
@@ -286,7 +303,7 @@ def bench_command(space, truth, sample, sample_seed, input_path, synthetic, reco
         if fmt == "json"
         else render_markdown(result.summary)
     )
-    write_output(text, output_path)
+    _write_or_fail(text, output_path)
 
 
 def _parse_sample(value: str) -> int | None:

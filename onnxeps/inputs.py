@@ -20,6 +20,7 @@ from onnx import helper
 
 from onnxeps.errors import InputError
 from onnxeps.graphs import consumer_map
+from onnxeps.infer import TensorType, infer_types
 from onnxeps.plan import Plan
 from onnxeps.roles import PASS_THROUGH, Role
 
@@ -156,9 +157,19 @@ def _grey(shape: tuple[int, ...], batch_axis: int, dtype: np.dtype) -> np.ndarra
 
 
 def _vocabulary_size(spec: InputSpec, model, plan: Plan) -> int | None:
-    """Return the row count of the smallest embedding table indexed by this input."""
-    tables = {e.tensor: e.shape for e in plan.entries if e.role is Role.EMBEDDING}
+    """Return the row count of the smallest embedding table indexed by this input.
+
+    The plan names the Gather nodes that read embedding tables, also through Identity
+    or Cast, so the table's row count is that of the Gather's data input.
+    """
+    gathers = {
+        terminal.use.node.output[0]: entry
+        for entry in plan.entries
+        if entry.role is Role.EMBEDDING
+        for terminal in entry.uses
+    }
     consumers = consumer_map(model)
+    types: dict[str, TensorType] | None = None
     sizes = []
     pending, seen = [spec.name], set()
     while pending:
@@ -168,11 +179,22 @@ def _vocabulary_size(spec: InputSpec, model, plan: Plan) -> int | None:
         seen.add(name)
         for use in consumers.get(name, []):
             node = use.node
-            if node.op_type == "Gather" and use.slot == 1 and node.input[0] in tables:
-                sizes.append(tables[node.input[0]][0])
+            if node.op_type == "Gather" and use.slot == 1 and node.output[0] in gathers:
+                types = infer_types(model) if types is None else types
+                sizes.append(_gathered_rows(node, gathers[node.output[0]].shape, types))
             elif node.op_type in PASS_THROUGH and use.slot == 0:
                 pending.extend(node.output)
     return min(sizes) if sizes else None
+
+
+def _gathered_rows(node, table_shape, types: dict[str, TensorType]) -> int:
+    """Return the size of the axis a Gather indexes in its data input."""
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    found = types.get(node.input[0])
+    if found is not None and found.shape is not None:
+        if isinstance(found.shape[axis], int):
+            return found.shape[axis]
+    return table_shape[axis]
 
 
 def _synthesise(spec, kind, shape, batch_axis, rng, vocabulary) -> np.ndarray:
@@ -352,26 +374,38 @@ def batch_from_arrays(
     mean: list[float] | None = None,
     std: list[float] | None = None,
 ) -> Batch:
-    """Build feeds from user arrays; ``batch_size`` keeps the first samples."""
+    """Build feeds from user arrays; ``batch_size`` keeps the first samples.
+
+    The batch axis of each input is its symbolic axis named as the batch (so a
+    sequence-first token input is cut along axis 1), else axis 0.
+    """
     specs = input_specs(model)
     picked = _pick_arrays(specs, arrays, origin)
     feeds: dict[str, np.ndarray] = {}
     warnings: list[str] = []
+    sizes: list[int] = []
     for spec in specs:
         array = np.asarray(picked[spec.name])
         if _is_nhwc_image(spec, array):
             array = _normalise_image(array, mean, std, spec, warnings)
-        if batch_size is not None and array.ndim > 0:
-            if array.shape[0] < batch_size:
+        axis = _array_batch_axis(spec)
+        if batch_size is not None and array.ndim > axis:
+            if array.shape[axis] < batch_size:
                 raise InputError(
                     f"{origin}: the array for input '{spec.name}' holds "
-                    f"{array.shape[0]} samples, fewer than --batch-size {batch_size}."
+                    f"{array.shape[axis]} samples, fewer than --batch-size "
+                    f"{batch_size}."
                 )
-            array = array[:batch_size]
+            array = array[(slice(None),) * axis + (slice(0, batch_size),)]
         feeds[spec.name] = _check_array(spec, array, origin)
-    first = next(iter(feeds.values()), None)
-    size = int(first.shape[0]) if first is not None and first.ndim else 1
-    return Batch(feeds, description, size, warnings)
+        sizes.append(int(array.shape[axis]) if array.ndim > axis else 1)
+    return Batch(feeds, description, sizes[0] if sizes else 1, warnings)
+
+
+def _array_batch_axis(spec: InputSpec) -> int:
+    """Return the batch axis of a user array for an input: the symbolic one, else 0."""
+    axis = _symbolic_batch_axis(spec.shape) if spec.shape is not None else None
+    return 0 if axis is None else axis
 
 
 def _text_layout(spec: InputSpec, batch_size: int, seq_len: int) -> tuple[int, int, int]:

@@ -237,7 +237,10 @@ def _run_both(template: _Template, s: ScoreSettings, deadline) -> tuple[list, st
         session = Session(model, s.device)
         provider = session.provider
         feeds = template.batch.feeds
-        outputs.append(session.run(template.output, feeds, deadline.left("running")))
+        try:
+            outputs.append(session.run(template.output, feeds, deadline.left("running")))
+        except ScoreTimeout as error:
+            raise ScoreTimeout(f"scoring timed out after {s.timeout:g} s (running).") from error
     return outputs, provider
 
 

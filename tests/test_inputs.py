@@ -130,6 +130,32 @@ def test_synthetic_tokens_smallest_table():
     assert tokens.max() < 3
 
 
+def test_synthetic_tokens_table_through_identity():
+    text = """
+    g (int64[seq, batch] tokens) => (float[seq, batch, 4] y) {
+      rows = Identity (table)
+      y = Gather (rows, tokens)
+    }
+    """
+    model = make_model(text, table=np.ones((6, 4), np.float32))
+    tokens = synthesise(model, batch_size=200).feeds["tokens"]
+    assert tokens.max() < 6
+
+
+def test_synthetic_tokens_transposed_table():
+    # The Gather reads the (10, 4) transpose of a (4, 10) table: 10 rows.
+    text = """
+    g (int64[seq, batch] tokens) => (float[seq, batch, 4] y) {
+      rows = Transpose <perm = [1, 0]> (table)
+      y = Gather (rows, tokens)
+    }
+    """
+    model = make_model(text, table=np.ones((4, 10), np.float32))
+    tokens = synthesise(model, batch_size=200).feeds["tokens"]
+    assert tokens.max() < 10
+    assert tokens.max() >= 4
+
+
 def test_synthetic_integer_without_embedding_raises():
     model = make_model("g (int64[N,3] x) => (int64[N,3] y) { y = Neg (x) }")
     with pytest.raises(
@@ -303,6 +329,21 @@ def test_arrays_batch_size_keeps_first():
     batch = batch_from_arrays(make_model(_ONE_INPUT), arrays, "in.npy", "d", 2)
     assert batch.feeds["img"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     assert batch.batch_size == 2
+
+
+def test_arrays_sequence_first_batch_axis():
+    # The token input is (seq, batch), so --batch-size keeps the first 3 columns.
+    tokens = np.arange(28, dtype=np.int64).reshape(7, 4) % 10
+    batch = batch_from_arrays(_token_model(), {"x": tokens}, "in.npy", "d", 3)
+    assert batch.feeds["tokens"].shape == (7, 3)
+    assert np.array_equal(batch.feeds["tokens"], tokens[:, :3])
+    assert batch.batch_size == 3
+
+
+def test_arrays_sequence_first_full_batch():
+    tokens = np.zeros((7, 4), np.int64)
+    batch = batch_from_arrays(_token_model(), {"x": tokens}, "in.npy", "d", None)
+    assert batch.batch_size == 4
 
 
 def test_arrays_too_few_samples_raises():

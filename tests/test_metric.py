@@ -1,8 +1,9 @@
 """Tests of the pure epsilon metric against a slow, loop-based oracle.
 
-The oracle follows the definition step by step: flatten each run's output to float64,
-min-max normalise it, turn exact zeros into NaN, then divide the mean absolute
-difference over the indices defined in both runs by the mean of every defined value.
+The oracle follows the definition step by step. It flattens each run's output to
+float64, min-max normalises it and turns exact zeros into NaN. Epsilon is then the mean
+absolute difference over the indices defined in both runs, divided by the mean of every
+defined value.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def test_epsilon_constant_second_run():
 
 
 def test_epsilon_constant_reason_plain_number():
-    # numpy 2 scalars repr as np.float64(...); the reason must show the plain number.
+    # numpy 2 scalars print as np.float64(...), but the reason must show the number.
     result = epsilon(np.full(4, 1.6e-6, dtype=np.float32), np.arange(4.0))
     assert "np." not in result.reason
     assert result.reason.startswith("run 1 output is constant (1.6")
@@ -210,7 +211,7 @@ def test_epsilon_zero_in_input_not_dropped():
 
 
 def test_epsilon_tied_minima_all_dropped():
-    # Both runs have two minima; every index is NaN in one run or the other.
+    # Both runs have two minima, so every index is NaN in one run or the other.
     result = epsilon(np.array([0.0, 0.0, 1.0, 1.0]), np.array([1.0, 1.0, 0.0, 0.0]))
     assert math.isnan(result.value)
     assert result.reason == "no output element is defined in both normalised runs"
@@ -288,7 +289,7 @@ def test_epsilon_inputs_not_modified():
 
 
 def test_epsilon_accumulates_in_float64():
-    # In float32, 1 + 1e-8 rounds to 1; float64 keeps the two values apart.
+    # In float32, 1 + 1e-8 rounds to 1, but float64 keeps the two values apart.
     output_1 = np.array([1.0, 1.0 + 1e-8, 1.0 + 2e-8])
     result = epsilon(output_1, np.array([0.0, 1.0, 2.0]))
     assert result.defined

@@ -446,7 +446,7 @@ def test_fill_weights_sets_value():
     assert np.array_equal(initializer(model, "w"), np.zeros((4, 3, 3, 3), np.float32))
     x = np.ones((2, 3, 6, 6), np.float32)
     y = check_and_run(filled, {"x": x})[0]
-    # The centre pixel sees the full 3x3x3 kernel: 27 ones times 0.5.
+    # At the centre pixel the 3x3x3 kernel covers 27 ones, each times 0.5.
     assert y[0, 0, 3, 3] == pytest.approx(13.5)
 
 

@@ -124,7 +124,7 @@ def test_subgraph_offsets_match_schema(op_type):
 
 
 def test_loop_carried_slot_is_v_initial():
-    # Loop inputs are (M, cond, v_initial...); the body reads (iter, cond, v...), so
+    # Loop inputs are (M, cond, v_initial...) and the body reads (iter, cond, v...), so
     # explicit input 2 feeds body input 2.
     assert SUBGRAPH_INPUT_OFFSET["Loop"] == ("body", 2, 0)
     assert schema_input_name("Loop", 2) == "v_initial"

@@ -11,8 +11,8 @@ from onnxeps.passes.base import NameScope
 
 __all__ = ["RemoveDropout"]
 
-# From opset 10 the mask is bool; before, it has the input's float type, and
-# ConstantOfShape (used to make the all-true mask) exists only from opset 9.
+# From opset 10 the mask is bool. Before that it has the input's float type, and
+# ConstantOfShape, which makes the all-true mask, exists only from opset 9.
 _BOOL_MASK_OPSET = 10
 
 

@@ -63,8 +63,8 @@ class ExposeOutput:
             if found is None:
                 value = helper.make_empty_tensor_value_info(self.output_name)
             else:
-                # onnx.checker rejects a graph output without a shape; unknown axes
-                # stay open.
+                # onnx.checker rejects a graph output without a shape. Axes that
+                # inference could not size stay open.
                 value = helper.make_tensor_value_info(
                     self.output_name, found.elem_type, found.shape
                 )
