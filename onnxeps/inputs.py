@@ -22,7 +22,7 @@ from onnxeps.errors import InputError
 from onnxeps.graphs import consumer_map
 from onnxeps.infer import TensorType, infer_types
 from onnxeps.plan import Plan
-from onnxeps.roles import PASS_THROUGH, Role
+from onnxeps.roles import PASS_THROUGH, SLOT_ROLES, Role
 
 __all__ = [
     "InputSpec",
@@ -201,6 +201,8 @@ def _synthesise(spec, kind, shape, batch_axis, rng, vocabulary) -> np.ndarray:
     dtype = spec.dtype
     if dtype == np.bool_:
         return np.ones(shape, dtype=np.bool_)
+    if kind == "zeros":
+        return np.zeros(shape, dtype=dtype)
     if kind == "tokens":
         return rng.integers(0, vocabulary, size=shape).astype(dtype)
     if kind == "grey":
@@ -210,11 +212,36 @@ def _synthesise(spec, kind, shape, batch_axis, rng, vocabulary) -> np.ndarray:
     return rng.random(shape).astype(dtype)
 
 
-def _kind_for(spec: InputSpec, requested: str | None, vocabulary: int | None) -> str:
+def _recurrent_state_inputs(model: onnx.ModelProto) -> set[str]:
+    """Name the inputs that reach an initial-state slot of LSTM, GRU or RNN."""
+    consumers = consumer_map(model)
+    found = set()
+    for spec in input_specs(model):
+        pending, seen = [spec.name], set()
+        while pending:
+            name = pending.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for use in consumers.get(name, []):
+                rule = SLOT_ROLES.get(use.node.op_type, {}).get(use.slot)
+                if rule is not None and rule.role is Role.RECURRENT_STATE:
+                    found.add(spec.name)
+                elif use.node.op_type in PASS_THROUGH and use.slot == 0:
+                    pending.extend(use.node.output)
+    return found
+
+
+def _kind_for(
+    spec: InputSpec, requested: str | None, vocabulary: int | None, state: bool
+) -> str:
     """Choose the synthetic kind for one input, or fail with the reason."""
     dtype = spec.dtype
     if dtype == np.bool_:
         return "ones"
+    if state and np.issubdtype(dtype, np.floating):
+        # Initial recurrent states are "as given": zeros, the frameworks' default.
+        return "zeros"
     if np.issubdtype(dtype, np.integer):
         if vocabulary is None:
             raise InputError(
@@ -250,9 +277,10 @@ def synthetic_batch(
     labels: list[str] = []
     warnings: list[str] = []
     sizes: list[int] = []
+    states = _recurrent_state_inputs(model)
     for spec in input_specs(model):
         vocabulary = _vocabulary_size(spec, model, plan)
-        chosen = _kind_for(spec, kind, vocabulary)
+        chosen = _kind_for(spec, kind, vocabulary, spec.name in states)
         shape, batch_axis = _resolve_shape(spec, batch_size, seq_len, warnings)
         feeds[spec.name] = _synthesise(spec, chosen, shape, batch_axis, rng, vocabulary)
         labels.append(f"{spec.name}={chosen}")

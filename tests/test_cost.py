@@ -108,13 +108,17 @@ def test_params_nb201_all_none_hand_count():
 def test_params_nb201_match_csv(data_dir):
     with open(data_dir / "nb201" / "nb201_accuracy.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
+    # 199 rows hold non-integer counts, averages that include another cell's count, so
+    # the sample is drawn from the rows with whole counts.
+    listed = [float(row["params_m"]) * 1e6 for row in rows]
+    whole = [row for row, count in zip(rows, listed) if abs(count - round(count)) < 0.01]
     rng = np.random.default_rng(PARAMS_SEED)
-    chosen = [rows[i] for i in rng.choice(len(rows), PARAMS_SAMPLE, replace=False)]
+    chosen = [whole[i] for i in rng.choice(len(whole), PARAMS_SAMPLE, replace=False)]
     for row in chosen:
         model = nb201.build(row["arch_str"], num_classes=CLASSES)
         counted = parameter_count(build_plan(model))
-        # params_m has six decimals, so the CSV is exact to half a parameter.
-        assert abs(counted - float(row["params_m"]) * 1e6) <= 0.5 + 1e-6, row["arch_str"]
+        # params_m has six decimals, so a whole count is exact to half a parameter.
+        assert abs(counted - float(row["params_m"]) * 1e6) <= 0.5, row["arch_str"]
 
 
 def test_model_costs_nb201():
