@@ -191,7 +191,7 @@ _PARAMETER_FREE_OPS = ("skip_connect", "avg_pool_3x3")
 
 
 def nb201_parameter_free_path(arch_str: str) -> bool:
-    """Whether an NB201 cell links its input to its output through skip/pool edges only.
+    """Return whether skip/avg-pool edges alone link an NB201 cell's input to its output.
 
     Epsilon at w1 = 1e-7 is undefined exactly for the cells without such a path: every
     other path passes a convolution, and the signal underflows to a constant.

@@ -84,7 +84,7 @@ def token_batch(
     rows = train.size // batch_size
     if rows < seq_len:
         raise InputError(
-            f"{path}: the training text holds {train.size} tokens, too few for "
+            f"{path}: the training text contains {train.size} tokens, too few for "
             f"{batch_size} columns of {seq_len} steps."
         )
     columns = train[: rows * batch_size].reshape(batch_size, rows).T

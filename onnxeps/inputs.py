@@ -320,7 +320,7 @@ def _pick_arrays(specs, arrays: dict[str, np.ndarray], origin: str) -> dict[str,
         if len(arrays) == 1:
             return {name: next(iter(arrays.values()))}
         raise InputError(
-            f"{origin}: holds arrays {', '.join(sorted(arrays))}; none is named "
+            f"{origin}: contains arrays {', '.join(sorted(arrays))}; none is named "
             f"'{name}' or 'x'.",
             f"Name the array for model input '{name}' after it.",
         )
@@ -420,7 +420,7 @@ def batch_from_arrays(
         if batch_size is not None and array.ndim > axis:
             if array.shape[axis] < batch_size:
                 raise InputError(
-                    f"{origin}: the array for input '{spec.name}' holds "
+                    f"{origin}: the array for input '{spec.name}' contains "
                     f"{array.shape[axis]} samples, fewer than --batch-size "
                     f"{batch_size}."
                 )

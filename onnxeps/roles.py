@@ -31,7 +31,7 @@ __all__ = [
 
 
 class Role(StrEnum):
-    """What a floating-point constant is to the network."""
+    """Role of a floating-point constant in the network."""
 
     WEIGHT = "weight"
     BIAS = "bias"
@@ -47,7 +47,7 @@ class Role(StrEnum):
 
 
 class Action(StrEnum):
-    """What the rewrite does to a tensor of a role."""
+    """Rewrite applied to a tensor of a role."""
 
     WEIGHT = "set to w"
     ZERO = "set to 0"

@@ -319,7 +319,7 @@ def test_arrays_one_input_only_array():
 def test_arrays_one_input_ambiguous_raises():
     arrays = {"first": np.ones((2, 3)), "second": np.ones((2, 3))}
     with pytest.raises(
-        InputError, match="holds arrays first, second; none is named 'img' or 'x'"
+        InputError, match="contains arrays first, second; none is named 'img' or 'x'"
     ):
         batch_from_arrays(make_model(_ONE_INPUT), arrays, "in.npz", "d", None)
 
@@ -350,7 +350,7 @@ def test_arrays_too_few_samples_raises():
     arrays = {"x": np.zeros((2, 3))}
     with pytest.raises(
         InputError,
-        match="input 'img' holds 2 samples, fewer than --batch-size 4",
+        match="input 'img' contains 2 samples, fewer than --batch-size 4",
     ):
         batch_from_arrays(make_model(_ONE_INPUT), arrays, "in.npy", "d", 4)
 

@@ -35,7 +35,7 @@ def _np_dtype(elem_type: int) -> np.dtype:
 
 
 def _filled(name: str, shape, elem_type: int, action: Action, rng):
-    """Make the tensor an action prescribes (the weight placeholder holds zeros)."""
+    """Make the tensor an action prescribes (the weight placeholder is all zeros)."""
     dtype = _np_dtype(elem_type)
     if action is Action.UNIFORM:
         values = rng.random(tuple(shape)).astype(dtype)
