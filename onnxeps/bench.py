@@ -139,7 +139,8 @@ def read_candidates(space: Space, truth: Path, column: str) -> list[Candidate]:
     if rows and column not in rows[0]:
         raise InputError(
             f"{truth}: no column {column!r}; columns are {', '.join(rows[0])}.",
-            "Pass --metric-column with one of them.",
+            f"Check that the table is a {space.name} ground-truth table, or pass "
+            "--metric-column with one of its columns.",
         )
     try:
         return space.read(rows, column)
@@ -262,6 +263,7 @@ def run_bench(
     started = time.perf_counter()
     result = BenchResult()
     for done, candidate in enumerate(candidates, start=1):
+        log.info("[%d/%d] %s", done, len(candidates), candidate.label)
         try:
             result.records.append(_score_one(space, candidate, batch, options))
         except OnnxepsError as error:
@@ -276,7 +278,7 @@ def run_bench(
         "higher_is_better": space.higher_is_better,
         "sample": len(candidates),
         "sample_seed": sample_seed,
-        "input": str(inputs) if inputs else f"synthetic:{options.get('synthetic') or 'default'}",
+        "input": result.records[0]["input"] if result.records else None,
         "weights": result.records[0]["weights"] if result.records else None,
         "batch_size": result.records[0]["batch_size"] if result.records else None,
         "seconds": round(elapsed, 1),

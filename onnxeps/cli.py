@@ -17,7 +17,7 @@ from onnxeps.converters.cli import convert
 from onnxeps.errors import OnnxepsError
 from onnxeps.inputs import SYNTHETIC_KINDS
 from onnxeps.presets import PRESETS
-from onnxeps.report import FORMATS, format_from_path, render, write_output
+from onnxeps.report import FORMATS, format_from_path, json_ready, render, write_output
 from onnxeps.runtime import DEVICES
 from onnxeps.score import (
     DEFAULT_BATCH_SIZE,
@@ -26,6 +26,7 @@ from onnxeps.score import (
     DEFAULT_TIMEOUT,
     ScoreResult,
     score,
+    validate_weights,
 )
 
 log = logging.getLogger("onnxeps")
@@ -39,7 +40,7 @@ PLAN_COLUMNS = [
     "model", "tensor", "graph", "source", "shape", "dtype", "role", "action", "reason",
     "split",
 ]  # fmt: skip
-PLAN_TABLE_COLUMNS = ["tensor", "shape", "dtype", "role", "action", "reason"]
+PLAN_TABLE_COLUMNS = ["tensor", "shape", "dtype", "role", "action", "split", "reason"]
 _LEVELS = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 
 
@@ -68,6 +69,15 @@ def _parse_floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
             f"{value!r} is not a comma-separated list of numbers (e.g. 0.49,0.48,0.45)."
         ) from None
     return numbers
+
+
+def _check_weights(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return validate_weights(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def _verbosity(function):
@@ -148,19 +158,23 @@ def _report_error(model: str, error: Exception) -> None:
         log.debug("traceback", exc_info=error)
 
 
-def _summarise(results: list[ScoreResult], total: int) -> None:
+def _summarise(results: list[ScoreResult], total: int, quiet: int) -> None:
+    """Print the coverage line to stderr (a summary, not a warning), unless -q."""
+    if quiet:
+        return
     defined = sum(1 for r in results if r.defined)
     failed = total - len(results)
-    log.warning(
-        "coverage: %d/%d models have a defined epsilon (%d undefined, %d failed); "
-        "undefined scores are null in the records",
-        defined, total, len(results) - defined, failed,
-    )  # fmt: skip
+    click.echo(
+        f"coverage: {defined}/{total} models have a defined epsilon "
+        f"({len(results) - defined} undefined, {failed} failed); undefined scores are "
+        "null in the records",
+        err=True,
+    )
 
 
 @main.command("score")
 @click.argument("models", nargs=-1, required=True, type=click.Path())
-@click.option("--weights", nargs=2, type=float, help="The two constant weights w1 w2. [default: 1e-7 1, or the preset's]")
+@click.option("--weights", nargs=2, type=float, callback=_check_weights, help="The two constant weights w1 w2. [default: 1e-7 1, or the preset's]")
 @click.option("--input", "input_path", type=click.Path(), help="Input batch: .npy, .npz with one array per model input, or word-level text (.zip of train/valid/test .txt, or one .txt) for a token input.")
 @click.option("--synthetic", type=click.Choice(SYNTHETIC_KINDS), help="Synthetic input kind for every input. [default: grey for float inputs, tokens for integer inputs]")
 @click.option("--batch-size", type=click.IntRange(min=1), help=f"Samples in the batch. [default: {DEFAULT_BATCH_SIZE}, or all samples of --input]")
@@ -196,7 +210,7 @@ def score_command(models, input_path, synthetic, fmt, output_path, verbose, quie
     records = [result.record() for result in results]
     _write_or_fail(render(records, fmt, SCORE_COLUMNS, SCORE_TABLE_COLUMNS), output_path)
     if len(models) > 1:
-        _summarise(results, len(models))
+        _summarise(results, len(models), quiet)
     if len(results) < len(models):
         sys.exit(1)
 
@@ -254,7 +268,7 @@ def _progress_printer(label: str):
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False), help="Input batch (.npz images, or PTB text .zip for nlp).")
 @click.option("--synthetic", type=click.Choice(SYNTHETIC_KINDS), help="Synthetic input kind.")
 @click.option("--batch-size", type=click.IntRange(min=1), help=f"Samples in the batch. [default: {DEFAULT_BATCH_SIZE}]")
-@click.option("--weights", nargs=2, type=float, help="The two constant weights. [default: the space's preset]")
+@click.option("--weights", nargs=2, type=float, callback=_check_weights, help="The two constant weights. [default: the space's preset]")
 @click.option("--metric-column", help="Ground-truth column. [default: test_acc_c10, val_accuracy, ptb_test_loss]")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Execution provider.")
 @click.option("--format", "fmt", type=click.Choice(["md", "json"]), help="Report format. [default: from -o, else md]")
@@ -299,7 +313,7 @@ def bench_command(space, truth, sample, sample_seed, input_path, synthetic, reco
             log.error("%s", error)
             sys.exit(1)
     text = (
-        json_module.dumps(result.summary, indent=2, default=str) + "\n"
+        json_module.dumps(json_ready(result.summary), indent=2, allow_nan=False) + "\n"
         if fmt == "json"
         else render_markdown(result.summary)
     )

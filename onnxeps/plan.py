@@ -346,9 +346,10 @@ def _model_warnings(model: onnx.ModelProto) -> list[str]:
     if _has_folded_normalisation(model, ops):
         warnings.append(
             "convolutions carry biases and the model has no normalisation operators: "
-            "BatchNormalization was probably folded into them at export, so the score "
-            "uses the trained statistics' effect, not batch statistics; re-export with "
-            "normalisation kept (torch.onnx: do_constant_folding=False)"
+            "if BatchNormalization was folded into them at export, the score is that "
+            "of a network without normalisation, not the reference semantics (batch "
+            "statistics); re-export with normalisation kept (torch.onnx: "
+            "do_constant_folding=False)"
         )
     return warnings
 

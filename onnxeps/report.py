@@ -20,6 +20,7 @@ __all__ = [
     "write_output",
     "atomic_write",
     "atomic_write_text",
+    "json_ready",
 ]
 
 FORMATS = ("table", "json", "csv")
@@ -38,9 +39,14 @@ def format_from_path(path: str | os.PathLike) -> str | None:
     return _EXTENSIONS.get(Path(path).suffix.lower())
 
 
-def _json_value(value):
+def json_ready(value):
+    """Return the value with every non-finite float (at any depth) replaced by None."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(item) for item in value]
     return value
 
 
@@ -56,7 +62,7 @@ def _csv_value(value) -> str:
 
 def _render_json(records: Sequence[dict]) -> str:
     lines = [
-        json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False)
+        json.dumps(json_ready(record), allow_nan=False)
         for record in records
     ]
     return "".join(line + "\n" for line in lines)

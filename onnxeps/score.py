@@ -36,7 +36,7 @@ from onnxeps.presets import PRESETS, Preset
 from onnxeps.roles import Action
 from onnxeps.runtime import Session
 
-__all__ = ["ScoreResult", "ScoreSettings", "score", "DEFAULT_WEIGHTS"]
+__all__ = ["ScoreResult", "ScoreSettings", "score", "validate_weights", "DEFAULT_WEIGHTS"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,21 @@ class ScoreSettings:
     recurrent_as_weight: bool = False
 
 
+def validate_weights(weights) -> tuple[float, float]:
+    """Return (w1, w2) as floats, or raise ValueError when they cannot give a score."""
+    pair = tuple(float(w) for w in weights)
+    if len(pair) != 2:
+        raise ValueError(f"weights must be two numbers, got {len(pair)}")
+    if not all(np.isfinite(pair)):
+        raise ValueError(f"weights must be finite numbers, got {pair[0]:g} and {pair[1]:g}")
+    if pair[0] == pair[1]:
+        raise ValueError(
+            f"the two weights are equal ({pair[0]:g}), so both runs are identical and "
+            "epsilon is 0 by construction; pass two different weights"
+        )
+    return pair
+
+
 def _apply_preset(settings: dict, preset_name: str | None) -> ScoreSettings:
     """Fill settings left as None from the preset, then from the defaults."""
     preset: Preset | None = None
@@ -125,6 +140,11 @@ def _apply_preset(settings: dict, preset_name: str | None) -> ScoreSettings:
         merged.setdefault("std", preset.std)
         merged["recurrent_as_weight"] = preset.recurrent_as_weight
     merged["preset"] = preset_name
+    if "weights" in merged:
+        try:
+            merged["weights"] = validate_weights(merged["weights"])
+        except ValueError as error:
+            raise InputError(f"invalid weights: {error}.") from None
     return ScoreSettings(**{k: v for k, v in merged.items() if v is not None or k == "preset"})
 
 
@@ -295,6 +315,12 @@ def score(
     outputs, provider = _run_both(template, s, deadline)
     result = epsilon(outputs[0], outputs[1])
     batch, output = template.batch, template.output
+    if batch.batch_size < 3:
+        batch.warnings.append(
+            f"batch of {batch.batch_size} sample(s): each run's output is one value per "
+            "sample up to equal units, so epsilon can only be 0 or undefined; score "
+            "at least a few dozen samples"
+        )
     return ScoreResult(
         model=loaded.label,
         sha256=loaded.sha256,

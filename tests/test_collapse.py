@@ -334,23 +334,16 @@ NB101_CELL = (
 )  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("space", "build"),
-    [
-        ("nb201", lambda: nb201.build(MIXED)),
-        ("nb101", lambda: nb101.build(*NB101_CELL)),
-    ],
-)
-def test_float64_graphs_equal(space, build, images):
-    model = build()
-    weights = {"nb201": (1e-7, 1.0), "nb101": (1e-4, 10.0)}[space]
+def test_float64_nb101_graphs_equal(images):
+    # NB201 already agrees in float32 above, so only NB101 needs the slow float64 run.
+    model = nb101.build(*NB101_CELL)
     feeds = normalised(images, CIFAR_MEAN, CIFAR_STD)
-    narrow = float64_epsilon(model, feeds, weights, collapse=True)
-    full = float64_epsilon(model, feeds, weights, collapse=False)
+    narrow = float64_epsilon(model, feeds, (1e-4, 10.0), collapse=True)
+    full = float64_epsilon(model, feeds, (1e-4, 10.0), collapse=False)
     # In float64 the rewrite is exact up to summation order.
     assert narrow == pytest.approx(full, rel=1e-9)
     # The collapsed float32 score is within the exact-rewrite tolerance of float64.
-    collapsed = onnxeps.score(model, images, preset=space)
+    collapsed = onnxeps.score(model, images, preset="nb101")
     assert close(collapsed.epsilon, narrow)
 
 
