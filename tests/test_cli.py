@@ -440,7 +440,7 @@ def test_plan_table(square):
     result = invoke("plan", square)
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["tensor", "shape", "dtype", "role", "action", "reason"]
+    assert lines[0].split() == ["tensor", "shape", "dtype", "role", "action", "split", "reason"]
     assert lines[1].split()[:3] == ["w", "3,1", "float32"]
 
 
