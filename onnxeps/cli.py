@@ -330,3 +330,11 @@ def _parse_sample(value: str) -> int | None:
     if size < 1:
         raise click.BadParameter("must be at least 1.", param_hint="--sample")
     return size
+
+
+# These modules import the helpers above, so they are imported last.
+from onnxeps.cli_gate import gate_command  # noqa: E402
+from onnxeps.cli_screen import screen_command  # noqa: E402
+
+main.add_command(gate_command)
+main.add_command(screen_command)

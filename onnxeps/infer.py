@@ -65,14 +65,18 @@ def _type_of(value: onnx.ValueInfoProto) -> TensorType | None:
     return TensorType(tensor_type.elem_type, tuple(dims))
 
 
-def infer_types(model: onnx.ModelProto) -> dict[str, TensorType]:
+def infer_types(model: onnx.ModelProto, data_prop: bool = False) -> dict[str, TensorType]:
     """Return the inferred type of every tensor that inference could type.
 
+    ``data_prop`` also propagates the values of shape computations (Shape, Gather,
+    Concat, ...), so a tensor shaped from them, e.g. by ConstantOfShape, gets a shape.
     Inference failures are logged and leave the affected tensors untyped.
     """
     bare = skeleton(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(bare, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(
+            bare, strict_mode=False, data_prop=data_prop
+        )
     except Exception as error:  # onnx raises several unrelated types here
         log.info("shape inference failed (%s); using declared types only", error)
         inferred = bare

@@ -246,7 +246,7 @@ def _template(loaded: LoadedModel, plan: Plan, s: ScoreSettings, inputs, rng) ->
     changed = run_passes(model, passes)
     log.debug("%s: passes that changed the model: %s", loaded.label, ", ".join(changed))
     _load_remaining_external(model, loaded.base_dir)
-    return _Template(model, constants.weight_tensors, collapse.multipliers, batch, output)
+    return _Template(model, collapse.weights, collapse.multipliers, batch, output)
 
 
 def _run_both(template: _Template, s: ScoreSettings, deadline) -> tuple[list, str]:

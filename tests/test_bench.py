@@ -23,10 +23,11 @@ from onnxeps.errors import InputError
 
 BATCH = 8
 SAMPLE = 12
-# The bench builds NB201 with one output unit; the CSV counts 10 classes, whose
-# classifier has 9 * (64 + 1) more parameters.
+# The bench builds NB201 with one output unit, but the CSV counts the 10-class
+# network, whose classifier has 9 * (64 + 1) more parameters.
 NB201_CLASSIFIER_DIFFERENCE = 9 * (64 + 1)
 STATISTICS = {"epsilon (omit)", "epsilon (rank-last)", "params", "macs"}
+ALL_NONE = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,9 @@ def nb201_rows(nb201_truth) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def nb201_result(nb201_truth):
-    return run_bench("nb201", nb201_truth, sample=SAMPLE, batch_size=BATCH, synthetic="grey")
+    return run_bench(
+        "nb201", nb201_truth, sample=SAMPLE, batch_size=BATCH, synthetic="grey"
+    )
 
 
 # ----- NAS-Bench-201 -----
@@ -144,7 +147,8 @@ def test_render_markdown(nb201_result):
     assert text.startswith("# onnxeps bench nb201\n")
     assert "| epsilon (omit) |" in text
     assert "| epsilon (rank-last) |" in text
-    # Coverage is defined / total under both policies; the baselines are always defined.
+    # Coverage is defined / total under both policies, and the baselines are always
+    # defined.
     assert f"| {defined}/{SAMPLE} |" in text
     assert f"| {SAMPLE}/{SAMPLE} |" in text
     assert "multiply-accumulates per sample" in text
@@ -164,8 +168,9 @@ def test_nb101_aggregates_cells(nb101_truth):
         rows = list(csv.DictReader(stream))
     groups = defaultdict(list)
     for row in rows:
-        cell = (json.loads(row["pruned_matrix"]), json.loads(row["pruned_ops"]))
-        groups[json.dumps({"matrix": cell[0], "ops": cell[1]})].append(float(row["val_accuracy"]))
+        matrix, ops = json.loads(row["pruned_matrix"]), json.loads(row["pruned_ops"])
+        cell = {"matrix": matrix, "ops": ops}
+        groups[json.dumps(cell)].append(float(row["val_accuracy"]))
     space = SPACES["nb101"]
     candidates = read_candidates(space, nb101_truth, space.metric_column)
     assert len(rows) == 500
@@ -184,7 +189,8 @@ def test_nb101_run(nb101_truth):
     assert result.summary["weights"] == [1e-4, 10.0]
     assert "structural_nan" not in result.summary
     space = SPACES["nb101"]
-    truths = {c.label: c.truth for c in read_candidates(space, nb101_truth, "val_accuracy")}
+    candidates = read_candidates(space, nb101_truth, "val_accuracy")
+    truths = {candidate.label: candidate.truth for candidate in candidates}
     for record in result.records:
         assert record["truth"] == truths[record["model"].removeprefix("nb101:")]
 
@@ -204,8 +210,8 @@ def test_nlp_read_candidates(data_dir):
     assert "h_new_0" in first
 
 
-# Two one-node cells with made-up losses; the NLP graph is unrolled over 70 steps,
-# so only the smallest recipes keep the run short.
+# Two one-node cells with made-up losses. The bench builds NLP graphs unrolled over 70
+# steps, so only the smallest recipes keep the run short.
 NLP_ROWS = [
     ("1000000", '{"f": {"op": "linear", "input": ["x", "h_prev_0"]}, '
                 '"h_new_0": {"op": "activation_tanh", "input": ["f"]}}', "4.9"),
@@ -221,7 +227,8 @@ def test_nlp_run(tmp_path):
         writer.writerow(["recipe_id", "recipe", "ptb_test_loss"])
         writer.writerows(NLP_ROWS)
     result = run_bench("nlp", truth, sample=None, batch_size=4)
-    assert [r["model"] for r in result.records] == ["nlp:recipe 1000000", "nlp:recipe 1000222"]
+    labels = [record["model"] for record in result.records]
+    assert labels == ["nlp:recipe 1000000", "nlp:recipe 1000222"]
     assert [r["truth"] for r in result.records] == [4.9, 5.2]
     assert result.summary["higher_is_better"] is False
     assert result.summary["weights"] == [1e-5, 1e-3]
@@ -233,7 +240,7 @@ def test_nlp_run(tmp_path):
 
 def test_missing_column_raises(tmp_path):
     truth = tmp_path / "truth.csv"
-    truth.write_text("arch_str,accuracy\n|none~0|+|none~0|none~1|+|none~0|none~1|none~2|,10\n")
+    truth.write_text(f"arch_str,accuracy\n{ALL_NONE},10\n")
     with pytest.raises(InputError, match="no column 'test_acc_c10'"):
         run_bench("nb201", truth, sample=None)
 
@@ -298,7 +305,7 @@ def test_cli_bad_column_exit_1(nb201_truth):
 
 def test_cli_truth_without_column_exit_1(tmp_path):
     truth = tmp_path / "truth.csv"
-    truth.write_text("arch_str,accuracy\n|none~0|+|none~0|none~1|+|none~0|none~1|none~2|,10\n")
+    truth.write_text(f"arch_str,accuracy\n{ALL_NONE},10\n")
     result = invoke(["nb201", "--truth", str(truth), "--sample", "1"])
     assert result.exit_code == 1
     assert len(result.stderr.strip().splitlines()) == 1

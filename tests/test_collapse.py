@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
+import sys
 
 import numpy as np
 import onnx
@@ -45,7 +45,21 @@ RTOL = 1e-5
 ATOL = 1e-6
 
 ALL_NONE = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
-MIXED = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_1x1~1|none~2|"
+MIXED = (
+    "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|"
+    "+|skip_connect~0|nor_conv_1x1~1|none~2|"
+)
+
+
+# A pruned NB101 cell whose full float32 graph misses the exact epsilon by 4.6e-4
+# relative (batch of 8 CIFAR-10 images, onnxruntime 1.32 CPU), while the collapsed
+# float32 graph is within 1.2e-6 relative of the float64 value.
+NB101_CELL = (
+    [[0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 0, 1], [0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1],
+     [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]],
+    ["input", "maxpool3x3", "conv3x3-bn-relu", "conv1x1-bn-relu", "conv1x1-bn-relu",
+     "output"],
+)  # fmt: skip
 
 
 def uniform_cell(op: str) -> str:
@@ -84,13 +98,17 @@ def nb201_cells(data_dir) -> list[str]:
     with open(data_dir / "nb201" / "nb201_accuracy.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     rng = np.random.default_rng(NB201_SEED)
-    chosen = [rows[i]["arch_str"] for i in rng.choice(len(rows), NB201_SAMPLE, replace=False)]
+    picks = rng.choice(len(rows), NB201_SAMPLE, replace=False)
+    chosen = [rows[i]["arch_str"] for i in picks]
     return NAMED_NB201 + [arch for arch in chosen if arch not in NAMED_NB201]
 
 
 @pytest.fixture(scope="module")
 def nb201_scores(nb201_cells, images) -> dict[str, tuple]:
-    return {arch: score_both(nb201.build(arch), images, "nb201") for arch in nb201_cells}
+    scores = {}
+    for arch in nb201_cells:
+        scores[arch] = score_both(nb201.build(arch), images, "nb201")
+    return scores
 
 
 def test_nb201_sample_size(nb201_cells, nb201_scores):
@@ -151,15 +169,23 @@ def test_parameter_free_path_rule():
     )
 
 
-def test_score_logs_collapse(images, caplog):
+def test_score_runs_collapse(images, monkeypatch):
+    calls: list[bool] = []
+
+    class RecordingCollapse(CollapseChannels):
+        def __call__(self, model: onnx.ModelProto) -> bool:
+            changed = super().__call__(model)
+            calls.append(changed)
+            return changed
+
+    score_module = sys.modules["onnxeps.score"]
+    monkeypatch.setattr(score_module, "CollapseChannels", RecordingCollapse)
     model = nb201.build(MIXED)
-    with caplog.at_level(logging.INFO, logger="onnxeps.passes.collapse"):
-        onnxeps.score(model, images, preset="nb201")
-    assert "collapsed to at most 3 distinct channels" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="onnxeps.passes.collapse"):
-        onnxeps.score(model, images, preset="nb201", collapse=False)
-    assert "collapsed" not in caplog.text
+    onnxeps.score(model, images, preset="nb201")
+    assert calls == [True]
+    calls.clear()
+    onnxeps.score(model, images, preset="nb201", collapse=False)
+    assert calls == []
 
 
 # ----- NAS-Bench-101 -----
@@ -172,7 +198,8 @@ def nb101_cells(data_dir) -> list[tuple[list, list]]:
     unique = sorted({(row["pruned_matrix"], row["pruned_ops"]) for row in rows})
     rng = np.random.default_rng(NB101_SEED)
     chosen = [unique[i] for i in rng.choice(len(unique), NB101_SAMPLE, replace=False)]
-    return [(json.loads(matrix), json.loads(ops)) for matrix, ops in chosen]
+    sampled = [(json.loads(matrix), json.loads(ops)) for matrix, ops in chosen]
+    return [NB101_CELL] + [cell for cell in sampled if cell != NB101_CELL]
 
 
 @pytest.fixture(scope="module")
@@ -181,30 +208,34 @@ def nb101_scores(nb101_cells, images) -> list[tuple]:
 
 
 def test_nb101_same_nan_set(nb101_cells, nb101_scores):
-    assert len(nb101_scores) == NB101_SAMPLE
+    assert len(nb101_scores) > NB101_SAMPLE
     for cell, (collapsed, full) in zip(nb101_cells, nb101_scores):
         assert collapsed.defined == full.defined, cell
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the full NB101 graph in float32 differs from the collapsed one by up to "
-    "5e-4 relative (and 1.5e-5 absolute where epsilon is near 0). Float64 evaluation "
-    "shows both graphs equal and the collapsed float32 value is the accurate one",
+    reason="float32 rounding in the full NB101 graph moves epsilon by up to 4.6e-4 "
+    "relative, and by up to 1.4e-5 where epsilon is near 0, beyond the 1e-5 "
+    "exact-rewrite tolerance. In float64 both graphs agree "
+    "(test_float64_nb101_graphs_equal)",
 )
 def test_nb101_values_equal(nb101_cells, nb101_scores):
     differences = []
     for cell, (collapsed, full) in zip(nb101_cells, nb101_scores):
-        if collapsed.defined and full.defined and not close(collapsed.epsilon, full.epsilon):
+        if not (collapsed.defined and full.defined):
+            continue
+        if not close(collapsed.epsilon, full.epsilon):
             differences.append((cell[1], collapsed.epsilon, full.epsilon))
     assert differences == []
 
 
 # ----- float64 evaluation of both graphs -----
 
-
-def _attributes(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
+ARITHMETIC = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -213,19 +244,23 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.int64))
 
 
-def _symmetric_padding(attributes: dict) -> tuple[int, int]:
-    pads = attributes.get("pads", [0, 0, 0, 0])
-    assert pads[0] == pads[2] and pads[1] == pads[3], f"asymmetric pads {pads}"
-    return pads[0], pads[1]
+def _window(a: dict) -> dict:
+    """Return torch's stride and padding for an ONNX Conv or pooling node."""
+    pads = a.get("pads", [0, 0, 0, 0])
+    assert pads[0] == pads[2], f"asymmetric pads {pads}"
+    assert pads[1] == pads[3], f"asymmetric pads {pads}"
+    assert not a.get("ceil_mode", 0)
+    return {"stride": a.get("strides", [1, 1]), "padding": (pads[0], pads[1])}
 
 
-def _slice(x: torch.Tensor, starts, ends, axes, steps) -> torch.Tensor:
+def _slice(x: torch.Tensor, starts, ends, axes=None, steps=None) -> torch.Tensor:
     index = [slice(None)] * x.dim()
     axes = axes.tolist() if axes is not None else list(range(len(starts)))
     steps = steps.tolist() if steps is not None else [1] * len(axes)
     for start, end, axis, step in zip(starts.tolist(), ends.tolist(), axes, steps):
         size = x.shape[axis]
-        index[axis] = slice(max(-size, min(start, size)), max(-size, min(end, size)), step)
+        start, end = max(-size, min(start, size)), max(-size, min(end, size))
+        index[axis] = slice(start, end, step)
     return x[tuple(index)]
 
 
@@ -234,18 +269,18 @@ def _evaluate_node(op: str, a: dict, x: list) -> torch.Tensor:
     if op == "Constant":
         return _tensor(numpy_helper.to_array(a["value"]))
     if op == "Cast":
-        floating = a["to"] in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
-        return x[0] if floating else x[0].to(torch.int64)
+        return x[0] if a["to"] in FLOAT_TYPES else x[0].to(torch.int64)
     if op == "Shape":
-        return torch.tensor(list(x[0].shape), dtype=torch.int64)[a.get("start", 0) : a.get("end")]
+        shape = torch.tensor(list(x[0].shape), dtype=torch.int64)
+        return shape[a.get("start", 0) : a.get("end")]
     if op == "Reshape":
         shape = [x[0].shape[k] if s == 0 else s for k, s in enumerate(x[1].tolist())]
         return x[0].reshape(shape)
     if op == "ReduceMean":
         axes = a.get("axes") or x[1].tolist()
         return x[0].mean(dim=axes, keepdim=bool(a.get("keepdims", 1)))
-    if op in ("Add", "Sub", "Mul", "Div"):
-        return {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}[op](x[0], x[1])
+    if op in ARITHMETIC:
+        return ARITHMETIC[op](x[0], x[1])
     if op == "Sum":
         return torch.stack(torch.broadcast_tensors(*x)).sum(dim=0)
     if op == "Sqrt":
@@ -254,14 +289,14 @@ def _evaluate_node(op: str, a: dict, x: list) -> torch.Tensor:
         return torch.relu(x[0])
     if op == "Conv":
         bias = x[2] if len(x) > 2 else None
-        return F.conv2d(x[0], x[1], bias, a.get("strides", [1, 1]), _symmetric_padding(a), groups=a.get("group", 1))
+        return F.conv2d(x[0], x[1], bias, groups=a.get("group", 1), **_window(a))
     if op == "MaxPool":
-        assert not a.get("ceil_mode", 0)
-        return F.max_pool2d(x[0], a["kernel_shape"], a.get("strides", [1, 1]), _symmetric_padding(a))
+        return F.max_pool2d(x[0], a["kernel_shape"], **_window(a))
     if op == "AveragePool":
-        assert not a.get("ceil_mode", 0)
         include = bool(a.get("count_include_pad", 0))
-        return F.avg_pool2d(x[0], a["kernel_shape"], a.get("strides", [1, 1]), _symmetric_padding(a), count_include_pad=include)
+        return F.avg_pool2d(
+            x[0], a["kernel_shape"], count_include_pad=include, **_window(a)
+        )
     if op == "GlobalAveragePool":
         return x[0].mean(dim=(2, 3), keepdim=True)
     if op == "Flatten":
@@ -270,11 +305,13 @@ def _evaluate_node(op: str, a: dict, x: list) -> torch.Tensor:
     if op in ("Gemm", "MatMul"):
         b = x[1].T if a.get("transB", 0) else x[1]
         y = a.get("alpha", 1.0) * (x[0] @ b)
-        return y + a.get("beta", 1.0) * x[2] if len(x) > 2 and x[2] is not None else y
+        if len(x) > 2 and x[2] is not None:
+            y = y + a.get("beta", 1.0) * x[2]
+        return y
     if op == "Concat":
         return torch.cat(x, dim=a["axis"])
     if op == "Slice":
-        return _slice(x[0], x[1], x[2], *(x[3:] + [None, None])[:2])
+        return _slice(*x)
     if op == "Gather":
         return torch.index_select(x[0], a.get("axis", 0), x[1].reshape(-1))
     raise NotImplementedError(f"float64 evaluation of {op}")
@@ -287,25 +324,34 @@ def evaluate_float64(model: onnx.ModelProto, feeds: dict, output: str) -> np.nda
         values[tensor.name] = _tensor(numpy_helper.to_array(tensor))
     for node in model.graph.node:
         inputs = [values[name] if name else None for name in node.input]
-        values[node.output[0]] = _evaluate_node(node.op_type, _attributes(node), inputs)
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        values[node.output[0]] = _evaluate_node(node.op_type, attributes, inputs)
     return values[output].numpy()
 
 
-def rewritten(model: onnx.ModelProto, collapse: bool):
-    """Apply the rewrite passes of score() and return (model, weights, multipliers)."""
+def prepared(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Copy the model and apply the passes that score() runs before the collapse."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     plan = build_plan(model)
     DetachInitializerInputs()(model)
     constants = ApplyConstants(plan, np.random.default_rng(0))
     run_passes(model, [constants, RemoveDropout()])
+    return model, constants.weight_tensors
+
+
+def rewritten(model: onnx.ModelProto, collapse: bool):
+    """Apply the rewrite passes of score() and return (model, weights, multipliers)."""
+    model, names = prepared(model)
     output = model.graph.output[0].name
-    collapser = CollapseChannels(constants.weight_tensors, output)
+    collapser = CollapseChannels(names, output)
     passes = [collapser] if collapse else []
-    run_passes(model, passes + [BatchNormToBatchStatistics(), ExposeOutput(output), PruneUnused()])
-    return model, constants.weight_tensors, collapser.multipliers
+    passes += [BatchNormToBatchStatistics(), ExposeOutput(output), PruneUnused()]
+    run_passes(model, passes)
+    # The collapse replaces the weight placeholders by narrow ones.
+    return model, collapser.weights, collapser.multipliers
 
 
-def float64_epsilon(model: onnx.ModelProto, feeds: dict, weights, collapse: bool) -> float:
+def float64_epsilon(model: onnx.ModelProto, feeds, weights, collapse: bool) -> float:
     template, names, multipliers = rewritten(model, collapse)
     output = template.graph.output[0].name
     runs = [
@@ -317,27 +363,18 @@ def float64_epsilon(model: onnx.ModelProto, feeds: dict, weights, collapse: bool
     return result.value
 
 
-def normalised(images: dict[str, np.ndarray], preset_mean, preset_std) -> dict:
+def normalised(images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Scale and normalise uint8 NHWC images as the CIFAR presets do."""
     x = images["input"].transpose(0, 3, 1, 2).astype(np.float64) / 255.0
-    mean = np.asarray(preset_mean).reshape(1, 3, 1, 1)
-    std = np.asarray(preset_std).reshape(1, 3, 1, 1)
+    mean = np.asarray(CIFAR_MEAN).reshape(1, 3, 1, 1)
+    std = np.asarray(CIFAR_STD).reshape(1, 3, 1, 1)
     return {"input": ((x - mean) / std).astype(np.float32)}
-
-
-CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
-CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
-# A pruned NB101 cell whose full float32 graph misses the exact epsilon by ~5e-4.
-NB101_CELL = (
-    [[0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 0, 1], [0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1],
-     [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]],
-    ["input", "maxpool3x3", "conv3x3-bn-relu", "conv1x1-bn-relu", "conv1x1-bn-relu", "output"],
-)  # fmt: skip
 
 
 def test_float64_nb101_graphs_equal(images):
     # NB201 already agrees in float32 above, so only NB101 needs the slow float64 run.
     model = nb101.build(*NB101_CELL)
-    feeds = normalised(images, CIFAR_MEAN, CIFAR_STD)
+    feeds = normalised(images)
     narrow = float64_epsilon(model, feeds, (1e-4, 10.0), collapse=True)
     full = float64_epsilon(model, feeds, (1e-4, 10.0), collapse=False)
     # In float64 the rewrite is exact up to summation order.
@@ -351,7 +388,9 @@ def test_float64_nb101_graphs_equal(images):
 
 
 @pytest.mark.parametrize(
-    "build", [lambda: nb201.build(MIXED), lambda: nb101.build(*NB101_CELL)], ids=["nb201", "nb101"]
+    "build",
+    [lambda: nb201.build(MIXED), lambda: nb101.build(*NB101_CELL)],
+    ids=["nb201", "nb101"],
 )
 def test_narrow_model_checks(build):
     model, names, multipliers = rewritten(build(), collapse=True)
@@ -360,35 +399,50 @@ def test_narrow_model_checks(build):
     onnx.checker.check_model(filled, full_check=True)
 
 
+def conv_weight(model: onnx.ModelProto, prefix: str) -> str:
+    """Return the weight input of the one Conv named under prefix."""
+    found = [
+        node.input[1]
+        for node in model.graph.node
+        if node.op_type == "Conv" and node.name.startswith(f"{prefix}/")
+    ]
+    assert len(found) == 1, (prefix, found)
+    return found[0]
+
+
 def test_narrow_nb201_one_channel():
-    model, _, multipliers = rewritten(nb201.build(MIXED), collapse=True)
+    model, names, multipliers = rewritten(nb201.build(MIXED), collapse=True)
     initializers = {t.name: t for t in model.graph.initializer}
     convs = [node for node in model.graph.node if node.op_type == "Conv"]
     assert convs
     for node in convs:
         weight = initializers[node.input[1]]
         assert weight.dims[0] == 1, node.name
-        # Only the stem reads the three image channels; every other conv reads one.
+        # Only the stem reads the three image channels, and every other conv reads one.
         assert weight.dims[1] in (1, 3), node.name
-    assert "stem.conv.weight" in multipliers
+        assert node.input[1] in names, node.name
+    assert conv_weight(model, "stem") in multipliers
 
 
 def test_narrow_multiplier_is_channel_count():
-    # A 16 -> 16 conv collapses to 1 -> 1 with weight w * 16.
-    _, _, multipliers = rewritten(nb201.build(uniform_cell("nor_conv_3x3")), collapse=True)
-    assert np.all(multipliers["cells.0.edge_0_1.conv.weight"] == 16.0)
-    assert np.all(multipliers["cells.16.edge_0_1.conv.weight"] == 64.0)
+    # A 16 -> 16 conv collapses to 1 -> 1 with weight w * 16, a 64 -> 64 one to w * 64.
+    model, _, multipliers = rewritten(nb201.build(uniform_cell("nor_conv_3x3")), True)
+    first = multipliers[conv_weight(model, "cells.0.edge_0_1")]
+    last = multipliers[conv_weight(model, "cells.16.edge_0_1")]
+    assert first.shape == (1, 1, 3, 3)
+    assert np.all(first == 16.0)
+    assert np.all(last == 64.0)
 
 
 # ----- fallback on uncovered models -----
 
 
-def inline_model(nodes, channels: int, initializers, outputs=None) -> onnx.ModelProto:
+def inline_model(nodes, channels: int, initializers) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "inline",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, 8, 8])],
-        outputs or [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
         initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -434,16 +488,6 @@ def subgraph_model() -> onnx.ModelProto:
     return inline_model(nodes, 3, [weight("w", (4, 3, 3, 3)), cond])
 
 
-def prepared(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """Apply the passes that score() runs before the collapse."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    plan = build_plan(model)
-    DetachInitializerInputs()(model)
-    constants = ApplyConstants(plan, np.random.default_rng(0))
-    run_passes(model, [constants, RemoveDropout()])
-    return model, constants.weight_tensors
-
-
 @pytest.mark.parametrize(
     ("build", "reason"),
     [
@@ -466,10 +510,9 @@ def test_fallback_uncovered(build, reason):
 def test_fallback_score_unchanged():
     # When the pass falls back, both settings evaluate the same full graph.
     model = softmax_model()
-    collapsed = onnxeps.score(model, synthetic="normal", batch_size=BATCH, weights=(0.1, 1.0))
-    full = onnxeps.score(
-        model, synthetic="normal", batch_size=BATCH, weights=(0.1, 1.0), collapse=False
-    )
+    settings = {"synthetic": "normal", "batch_size": BATCH, "weights": (0.1, 1.0)}
+    collapsed = onnxeps.score(model, **settings)
+    full = onnxeps.score(model, **settings, collapse=False)
     assert collapsed.epsilon == full.epsilon
     assert collapsed.reason == full.reason
 

@@ -120,7 +120,7 @@ def test_zip_known_ids(tmp_path):
         },
     )
     tokens, vocabulary = token_batch(path, 3, 2)
-    # Two columns of three rows: [0 1 2] and [3 0 2], sequence first.
+    # Two columns of three rows, [0 1 2] and [3 0 2], sequence first.
     assert tokens.tolist() == [[0, 3], [1, 0], [2, 2]]
     assert vocabulary == 6
 
@@ -153,7 +153,7 @@ def test_txt_known_ids(tmp_path):
     path = tmp_path / "train.txt"
     path.write_text(TRAIN_TEXT, encoding="utf-8")
     tokens, vocabulary = token_batch(path, 2, 3)
-    # Three columns of two rows: [0 1], [2 3], [0 2].
+    # Three columns of two rows: [0 1], [2 3] and [0 2].
     assert tokens.tolist() == [[0, 2, 0], [1, 3, 2]]
     assert vocabulary == 4
 

@@ -16,11 +16,17 @@ from onnxeps.plan import build_plan
 CLASSES = 10
 IMAGE = {"input": (1, 3, 32, 32)}
 ALL_NONE = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
-ALL_CONV3X3 = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|"
+ALL_CONV3X3 = (
+    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|"
+    "+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|"
+)
 # Node 1 = conv3(n0), read only through none edges, so its convolution is computed but
 # unused. Node 2 = conv1(n0) and node 3 = n0 + conv3(n2): two 3x3 and one 1x1
 # convolution per cell.
-MIXED = "|nor_conv_3x3~0|+|nor_conv_1x1~0|none~1|+|skip_connect~0|none~1|nor_conv_3x3~2|"
+MIXED = (
+    "|nor_conv_3x3~0|+|nor_conv_1x1~0|none~1|"
+    "+|skip_connect~0|none~1|nor_conv_3x3~2|"
+)
 PARAMS_SAMPLE = 24
 PARAMS_SEED = 7
 
@@ -29,7 +35,7 @@ PARAMS_SEED = 7
 # A convolution costs (output elements) x (C_in / group) x (kernel area) MACs.
 
 STEM = 32 * 32 * 16 * (3 * 3 * 3)  # 3 -> 16 channels, 3x3, 32x32 output
-# A cell convolution keeps C channels at H x W; C * H * W is 16*32*32 = 32*16*16 =
+# A cell convolution keeps C channels at H x W. C * H * W is 16*32*32 = 32*16*16 =
 # 64*8*8 = 16,384 in each stage, so each stage costs the same per convolution.
 CELL_CONV3X3 = 16 * 32 * 32 * (16 * 3 * 3)
 CELL_CONV1X1 = 16 * 32 * 32 * 16
@@ -97,7 +103,7 @@ def test_macs_nb201_pooling_not_counted():
 
 def test_params_nb201_all_none_hand_count():
     model = nb201.build(ALL_NONE, num_classes=CLASSES)
-    bn = 2  # scale and shift per channel; running statistics are not parameters
+    bn = 2  # scale and shift per channel (running statistics are not parameters)
     stem = 3 * 16 * 9 + bn * 16
     reduction_1 = 16 * 32 * 9 + bn * 32 + 32 * 32 * 9 + bn * 32 + 16 * 32
     reduction_2 = 32 * 64 * 9 + bn * 64 + 64 * 64 * 9 + bn * 64 + 32 * 64
@@ -111,7 +117,9 @@ def test_params_nb201_match_csv(data_dir):
     # 199 rows hold non-integer counts, averages that include another cell's count, so
     # the sample is drawn from the rows with whole counts.
     listed = [float(row["params_m"]) * 1e6 for row in rows]
-    whole = [row for row, count in zip(rows, listed) if abs(count - round(count)) < 0.01]
+    whole = [
+        row for row, count in zip(rows, listed) if abs(count - round(count)) < 0.01
+    ]
     rng = np.random.default_rng(PARAMS_SEED)
     chosen = [whole[i] for i in rng.choice(len(whole), PARAMS_SAMPLE, replace=False)]
     for row in chosen:
@@ -133,9 +141,11 @@ def test_model_costs_nb201():
 # ----- inline models -----
 
 
-def make_model(nodes, inputs, outputs, initializers, opset: int = 17) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "inline", inputs, outputs, initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+def make_model(nodes, inputs, outputs, initializers) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "inline", inputs, outputs, initializer=initializers
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -202,7 +212,8 @@ def test_macs_symbolic_shapes_uncounted():
 
 def test_macs_conv_transpose():
     # 4 -> 3 channels, 2x2 kernel, stride 2, 8x8 -> 16x16: each of the 4*8*8 inputs
-    # scatters to 3 * 2 * 2 outputs (equally, each of 3*16*16 outputs gathers 4 products).
+    # scatters to 3 * 2 * 2 outputs. Equally, each of the 3*16*16 outputs gathers
+    # 4 products.
     model = make_model(
         [helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2])],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
@@ -227,7 +238,11 @@ def recurrent_model(op: str, gates: int, directions: int = 1) -> onnx.ModelProto
     return make_model(
         [node],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [SEQ, "N", INPUT])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [SEQ, directions, "N", HIDDEN])],
+        [
+            helper.make_tensor_value_info(
+                "y", TensorProto.FLOAT, [SEQ, directions, "N", HIDDEN]
+            )
+        ],
         [
             constant("w", (directions, gates * HIDDEN, INPUT)),
             constant("r", (directions, gates * HIDDEN, HIDDEN)),
@@ -244,7 +259,8 @@ def test_macs_lstm():
 
 
 def test_macs_lstm_bidirectional():
-    macs, _ = count_macs(recurrent_model("LSTM", 4, directions=2), {"x": (SEQ, 1, INPUT)})
+    model = recurrent_model("LSTM", 4, directions=2)
+    macs, _ = count_macs(model, {"x": (SEQ, 1, INPUT)})
     assert macs == 2 * 560
 
 
@@ -266,7 +282,9 @@ def test_params_inline_model():
 
 def test_macs_lstm_batch_first():
     # layout=1 puts the batch axis first: x is (batch, seq, input).
-    node = helper.make_node("LSTM", ["x", "w", "r"], ["y"], hidden_size=HIDDEN, layout=1)
+    node = helper.make_node(
+        "LSTM", ["x", "w", "r"], ["y"], hidden_size=HIDDEN, layout=1
+    )
     model = make_model(
         [node],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", SEQ, INPUT])],
@@ -278,7 +296,8 @@ def test_macs_lstm_batch_first():
     assert macs == 560
 
 
-# f = linear(x, h_prev_0), h_new_0 = tanh(f): one input and one recurrent matrix per layer.
+# f = linear(x, h_prev_0) and h_new_0 = tanh(f), so each layer has one input matrix and
+# one recurrent matrix.
 NLP_RECIPE = {
     "f": {"op": "linear", "input": ["x", "h_prev_0"]},
     "h_new_0": {"op": "activation_tanh", "input": ["f"]},
@@ -298,8 +317,12 @@ def test_macs_nlp_recipe():
     model = nlp.build(NLP_RECIPE, vocab_size=vocabulary, seq_len=steps)
     # Layers 400 -> 600, 600 -> 600, 600 -> 400, each with an input and a recurrent
     # matrix, then the tied decoder 400 -> vocabulary, at every step.
-    per_step = (600 * 400 + 600 * 600) + (600 * 600 + 600 * 600) + (400 * 600 + 400 * 400)
-    per_step += 400 * vocabulary
+    per_step = (
+        (600 * 400 + 600 * 600)
+        + (600 * 600 + 600 * 600)
+        + (400 * 600 + 400 * 400)
+        + 400 * vocabulary
+    )
     macs, uncounted = count_macs(model, {"tokens": (steps, 1)})
     assert uncounted == []
     assert macs == steps * per_step

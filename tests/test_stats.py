@@ -76,7 +76,8 @@ def test_rank_last_negative_scores():
     score = np.array([-5.0, NAN, -7.0, -6.0, NAN])
     truth = np.array([5.0, 1.0, 3.0, 4.0, 2.0])
     result = rank_statistics(score, truth, True, "rank-last")
-    expected = stats.spearmanr(np.where(np.isnan(score), -np.inf, score), truth).statistic
+    last = np.where(np.isnan(score), -np.inf, score)
+    expected = stats.spearmanr(last, truth).statistic
     assert result["spearman"] == pytest.approx(expected, abs=1e-12)
 
 
@@ -108,7 +109,7 @@ def test_rank_last_undefined_never_top():
     score = truth.copy()
     score[19] = NAN
     result = rank_statistics(score, truth, True, "rank-last")
-    # Top 2 by score are truth 18 and 17; the truth top 2 are 19 and 18.
+    # Top 2 by score are truth 18 and 17, and the truth top 2 are 19 and 18.
     assert result["top10_share"] == pytest.approx(0.5)
 
 
@@ -149,7 +150,7 @@ def test_top_share_rounds_up():
     score = truth.copy()
     score[14] = -1.0
     result = rank_statistics(score, truth, True, "omit")
-    # Top 2 by score are truth 13 and 12; the truth top 2 are 14 and 13.
+    # Top 2 by score are truth 13 and 12, and the truth top 2 are 14 and 13.
     assert result["top10_share"] == pytest.approx(0.5)
     # All 15 models are in the top 64 by score, so the best model is always found.
     assert result["top64_in_top5"] == 1

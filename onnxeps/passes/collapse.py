@@ -80,6 +80,18 @@ class _Narrowing:
         self.structures: dict[str, Structure] = {}
         self.multipliers: dict[str, np.ndarray] = {}
         self.names = NameScope(model)
+        # Identity outputs of constants (exporters share tensors through Identity nodes).
+        self.aliases: dict[str, str] = {}
+
+    def resolve(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
+    def add_alias(self, node: onnx.NodeProto) -> bool:
+        """Record an Identity of a constant as an alias; return whether it was one."""
+        if node.op_type != "Identity" or self.resolve(node.input[0]) not in self.initializers:
+            return False
+        self.aliases[node.output[0]] = self.resolve(node.input[0])
+        return True
 
     # Reading the graph -------------------------------------------------------------
 
@@ -89,8 +101,11 @@ class _Narrowing:
         return self.structures[name]
 
     def constant(self, name: str) -> np.ndarray | None:
-        tensor = self.initializers.get(name)
+        tensor = self.initializers.get(self.resolve(name))
         return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def is_weight(self, name: str) -> bool:
+        return self.resolve(name) in self.weights
 
     def rank(self, name: str) -> int | None:
         found = self.types.get(name)
@@ -104,19 +119,21 @@ class _Narrowing:
 
     # Editing the graph -------------------------------------------------------------
 
-    def set_weight(self, name: str, node, shape: tuple[int, ...], multiplier) -> None:
-        if name not in self.weights:
+    def set_weight(self, node, slot: int, shape: tuple[int, ...], multiplier) -> None:
+        """Give one operator input its own narrow weight placeholder and multiplier."""
+        name = node.input[slot]
+        if not self.is_weight(name):
             raise NotCovered(f"{_label(node)} weight '{name}' is not a constant weight")
-        if name in self.multipliers:
-            raise NotCovered(f"weight '{name}' is shared by several operators")
-        tensor = self.initializers[name]
+        tensor = self.initializers[self.resolve(name)]
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        tensor.CopyFrom(numpy_helper.from_array(np.zeros(shape, dtype=dtype), name))
-        self.multipliers[name] = np.broadcast_to(multiplier, shape).astype(np.float64)
+        self.replace_input(node, slot, np.zeros(shape, dtype=dtype))
+        self.multipliers[node.input[slot]] = np.broadcast_to(multiplier, shape).astype(
+            np.float64
+        )
 
-    def replace_input(self, node, slot: int, values: np.ndarray, stem: str) -> None:
+    def replace_input(self, node, slot: int, values: np.ndarray) -> None:
         """Point one node input at a fresh initializer (shared tensors stay intact)."""
-        fresh = self.names.fresh(f"{node.input[slot]}/narrow")
+        fresh = self.names.fresh(f"{self.resolve(node.input[slot])}/narrow")
         self.graph.initializer.append(numpy_helper.from_array(values, fresh))
         self.initializers[fresh] = self.graph.initializer[-1]
         node.input[slot] = fresh
@@ -126,14 +143,14 @@ class _Narrowing:
         if slot >= len(node.input) or not node.input[slot]:
             return
         values = self.constant(node.input[slot])
-        if values is None or np.any(values != 0) or node.input[slot] in self.weights:
+        if values is None or np.any(values != 0) or self.is_weight(node.input[slot]):
             raise NotCovered(f"{_label(node)} has a bias that is not zero")
-        self.replace_input(node, slot, np.zeros((length,), dtype=values.dtype), "bias")
+        self.replace_input(node, slot, np.zeros((length,), dtype=values.dtype))
 
 
 def _conv(nar: _Narrowing, node) -> Structure:
     x = nar.structure(node.input[0], node)
-    weight = nar.initializers.get(node.input[1])
+    weight = nar.initializers.get(nar.resolve(node.input[1]))
     if weight is None:
         raise NotCovered(f"{_label(node)} weight is not an initializer")
     c_out, per_group, *kernel = weight.dims
@@ -141,11 +158,11 @@ def _conv(nar: _Narrowing, node) -> Structure:
     narrow_in = len(x)
     if group == 1 and per_group == sum(x):
         multiplier = np.asarray(x, dtype=np.float64).reshape(1, narrow_in, *[1] * len(kernel))
-        nar.set_weight(node.input[1], node, (1, narrow_in, *kernel), multiplier)
+        nar.set_weight(node, 1, (1, narrow_in, *kernel), multiplier)
         nar.zero_vector(node, 2, 1)
         return (c_out,)
     if group == sum(x) == c_out and per_group == 1:
-        nar.set_weight(node.input[1], node, (narrow_in, 1, *kernel), 1.0)
+        nar.set_weight(node, 1, (narrow_in, 1, *kernel), 1.0)
         _set_int_attribute(node, "group", narrow_in)
         nar.zero_vector(node, 2, narrow_in)
         return x
@@ -156,14 +173,14 @@ def _batchnorm(nar: _Narrowing, node) -> Structure:
     x = nar.structure(node.input[0], node)
     if len(node.output) > 1 and any(node.output[1:]):
         raise NotCovered(f"{_label(node)} has running-statistics outputs")
-    nar.set_weight(node.input[1], node, (len(x),), 1.0)
+    nar.set_weight(node, 1, (len(x),), 1.0)
     nar.zero_vector(node, 2, len(x))
     # Running statistics are ignored by the batch-statistics rewrite that follows.
     for slot, fill in ((3, 0.0), (4, 1.0)):
         stat = nar.constant(node.input[slot])
         if stat is None:
             raise NotCovered(f"{_label(node)} statistic is not an initializer")
-        nar.replace_input(node, slot, np.full((len(x),), fill, dtype=stat.dtype), "stat")
+        nar.replace_input(node, slot, np.full((len(x),), fill, dtype=stat.dtype))
     return x
 
 
@@ -179,10 +196,10 @@ def _elementwise(nar: _Narrowing, node) -> Structure:
         values = nar.constant(name)
         if values is None:
             found.append(nar.structure(name, node))
-        elif name in nar.weights or (values.size > 1 and np.any(values != values.flat[0])):
+        elif nar.is_weight(name) or (values.size > 1 and np.any(values != values.flat[0])):
             raise NotCovered(f"{_label(node)} reads a non-uniform constant '{name}'")
         elif values.size > 1:
-            nar.replace_input(node, slot, values.reshape(-1)[:1].copy(), "uniform")
+            nar.replace_input(node, slot, values.reshape(-1)[:1].copy())
     wide = {s for s in found if len(s) > 1}
     if len(wide) > 1:
         raise NotCovered(f"{_label(node)} combines tensors of different channel groups")
@@ -240,7 +257,7 @@ def _slice(nar: _Narrowing, node) -> Structure:
     for slot, values, bound in ((1, starts, narrow_start), (2, ends, narrow_end)):
         edited = values.copy()
         edited[k] = bound
-        nar.replace_input(node, slot, edited, "bound")
+        nar.replace_input(node, slot, edited)
     return structure
 
 
@@ -255,7 +272,7 @@ def _flatten(nar: _Narrowing, node) -> Structure:
         if shape is None or shape.size != 2:
             raise NotCovered(f"{_label(node)} reshapes to a computed or non-2D shape")
         if shape[1] > 0:
-            nar.replace_input(node, 1, np.array([shape[0], len(x)], dtype=shape.dtype), "shape")
+            nar.replace_input(node, 1, np.array([shape[0], len(x)], dtype=shape.dtype))
     return x
 
 
@@ -263,16 +280,16 @@ def _dense(nar: _Narrowing, node) -> Structure:
     x = nar.structure(node.input[0], node)
     if nar.rank(node.input[0]) != 2 or _attribute(node, "transA", 0):
         raise NotCovered(f"{_label(node)} is not a dense layer on (batch, features)")
-    weight = nar.initializers.get(node.input[1])
+    weight = nar.initializers.get(nar.resolve(node.input[1]))
     if weight is None:
         raise NotCovered(f"{_label(node)} weight is not an initializer")
     counts = np.asarray(x, dtype=np.float64)
     if node.op_type == "Gemm" and _attribute(node, "transB", 0):
         c_out = weight.dims[0]
-        nar.set_weight(node.input[1], node, (1, len(x)), counts.reshape(1, -1))
+        nar.set_weight(node, 1, (1, len(x)), counts.reshape(1, -1))
     else:
         c_out = weight.dims[1]
-        nar.set_weight(node.input[1], node, (len(x), 1), counts.reshape(-1, 1))
+        nar.set_weight(node, 1, (len(x), 1), counts.reshape(-1, 1))
     if node.op_type == "Gemm":
         nar.zero_vector(node, 2, 1)
     return (c_out,)
@@ -323,7 +340,10 @@ def _restore_output(nar: _Narrowing, output: str) -> None:
 def narrow_model(
     model: onnx.ModelProto, weights: list[str], output: str
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """Return the narrow copy of a rewritten model and each weight's multiplier array.
+    """Return the narrow copy of a rewritten model and its weight multipliers.
+
+    Every narrow weight is a new placeholder; the returned dict maps each one's name to
+    its multiplier array (the value is w times the array).
 
     Raises :class:`NotCovered` when the model uses something the pass does not cover.
     """
@@ -335,14 +355,21 @@ def narrow_model(
     nar = _Narrowing(copy, set(weights), infer_types(copy))
     _seed_inputs(nar)
     for node in copy.graph.node:
+        if nar.add_alias(node):
+            continue
         rule = _RULES.get(node.op_type)
         if rule is None or node.domain not in ("", "ai.onnx"):
             raise NotCovered(f"operator {node.op_type} is not covered")
         nar.structures[node.output[0]] = rule(nar, node)
     _restore_output(nar, output)
     del copy.graph.value_info[:]
-    widest = max((len(s) for s in nar.structures.values()), default=0)
-    log.info("collapsed to at most %d distinct channels per tensor", widest)
+    inputs = {value.name for value in copy.graph.input}
+    inner = [s for name, s in nar.structures.items() if name not in inputs]
+    log.info(
+        "narrow graph evaluated: at most %d channels per tensor instead of %d",
+        max((len(s) for s in inner), default=0),
+        max((sum(s) for s in inner), default=0),
+    )
     return copy, nar.multipliers
 
 
@@ -365,4 +392,6 @@ class CollapseChannels:
             log.info("full graph evaluated: %s", error)
             return False
         model.CopyFrom(narrow)
+        # The narrow placeholders replace the full ones, which no operator reads now.
+        self.weights = list(self.multipliers)
         return True

@@ -1,0 +1,102 @@
+"""The ``onnxeps screen`` command: epsilon beside cost columns and the Pareto front.
+
+Exit codes as ``score``: 0 every model yields a record, 1 a model could not be scored
+(the others are still reported) or the plot could not be written, 2 a usage error.
+Import this module through :mod:`onnxeps.cli`, which registers the command.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from onnxeps.cli import (
+    SCORE_COLUMNS,
+    _check_folder,
+    _configure_logging,
+    _output_options,
+    _report_error,
+    _resolve_format,
+    _verbosity,
+    _write_or_fail,
+)
+from onnxeps.cli_scoring import check_input_choice, scoring_options
+from onnxeps.errors import OnnxepsError
+from onnxeps.report import render
+from onnxeps.screen import (
+    COST_COLUMNS,
+    DEFAULT_LATENCY_RUNS,
+    MACS_CONVENTION,
+    SCREEN_COLUMNS,
+    mark_pareto,
+    pareto_plot,
+    screen_model,
+)
+
+__all__ = ["screen_command", "SCREEN_RECORD_COLUMNS"]
+
+log = logging.getLogger("onnxeps")
+
+SCREEN_RECORD_COLUMNS = [*SCORE_COLUMNS, *SCREEN_COLUMNS]
+SCREEN_TABLE_COLUMNS = ["model", "epsilon", *SCREEN_COLUMNS]
+
+
+def _screen_all(models, input_path, latency_runs, options) -> list[dict]:
+    """Screen each model; log a model that fails and go on with the others."""
+    records = []
+    for index, model in enumerate(models, start=1):
+        log.info("[%d/%d] screening %s", index, len(models), model)
+        try:
+            record = screen_model(model, input_path, latency_runs=latency_runs, **options)
+        except Exception as error:  # one failing model must not stop the others
+            _report_error(model, error)
+            continue
+        for warning in record["warnings"]:
+            log.warning("%s: %s", model, warning)
+        records.append(record)
+    return records
+
+
+def _summarise(records: list[dict], total: int, cost_column: str) -> None:
+    defined = sum(1 for r in records if r["epsilon"] is not None)
+    front = sum(1 for r in records if r["pareto"])
+    log.warning(
+        "coverage: %d/%d models have a defined epsilon (%d undefined, %d failed); "
+        "%d on the Pareto front of epsilon against %s",
+        defined, total, len(records) - defined, total - len(records), front, cost_column,
+    )  # fmt: skip
+
+
+@click.command("screen")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--latency-runs", type=click.IntRange(min=0), default=DEFAULT_LATENCY_RUNS, show_default=True, help="Timed ONNX Runtime runs per batch size, after 3 warm-up runs; 0 skips the latency columns.")
+@click.option("--cost-column", type=click.Choice(COST_COLUMNS), default="macs", show_default=True, help="Cost that the Pareto front minimises (while maximising epsilon).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG of epsilon against the cost column, Pareto front highlighted; needs onnxeps[plot].")
+@scoring_options
+@_output_options
+@_verbosity
+def screen_command(models, latency_runs, cost_column, plot_path, input_path, synthetic, fmt, output_path, verbose, quiet, **options) -> None:
+    """Score each MODEL and report its size, MACs, activation memory and latency."""
+    _configure_logging(verbose, quiet)
+    check_input_choice(input_path, synthetic)
+    fmt = _resolve_format(fmt, output_path, models)
+    _check_folder(plot_path)
+    records = _screen_all(models, input_path, latency_runs, {"synthetic": synthetic, **options})
+    mark_pareto(records, cost_column)
+    text = render(records, fmt, SCREEN_RECORD_COLUMNS, SCREEN_TABLE_COLUMNS)
+    if fmt == "table" and records:
+        text += f"{MACS_CONVENTION}; pareto: max epsilon, min {cost_column}\n"
+    _write_or_fail(text, output_path)
+    log.info("%s", MACS_CONVENTION)
+    if len(models) > 1:
+        _summarise(records, len(models), cost_column)
+    if plot_path is not None:
+        try:
+            pareto_plot(records, cost_column, plot_path)
+        except OnnxepsError as error:
+            log.error("%s", error)
+            sys.exit(1)
+    if len(records) < len(models):
+        sys.exit(1)
