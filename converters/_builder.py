@@ -44,6 +44,9 @@ ROLES = frozenset(
 ENCODING_KEY = "onnxeps.encoding"
 CONVERTER_KEY = "onnxeps.converter"
 ROLES_KEY = "onnxeps.roles"
+# Metadata keys of models exported from a framework (torch, Keras).
+EXPORTER_KEY = "onnxeps.exporter"
+EXPORT_SETTINGS_KEY = "onnxeps.export_settings"
 
 # Protobuf cannot serialize a message of 2 GiB or more.
 MAX_MODEL_BYTES = 2**31 - 1
@@ -246,6 +249,13 @@ def make_value_info(
 ) -> onnx.ValueInfoProto:
     """Return the value info of a graph input or output. String dims are symbolic."""
     return helper.make_tensor_value_info(name, elem_type, list(shape))
+
+
+def update_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
+    """Set the ``metadata_props`` entries of ``model``, keeping the other entries."""
+    properties = {prop.key: prop.value for prop in model.metadata_props}
+    properties.update(entries)
+    helper.set_model_props(model, properties)
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:

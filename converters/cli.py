@@ -1,7 +1,9 @@
-"""The ``convert`` command group: write NAS-benchmark encodings as ONNX files.
+"""The ``convert`` command group: write NAS-benchmark encodings and framework models
+as ONNX files.
 
 Invalid encodings and files that cannot be read or written exit with status 1 and a
-one-line message; usage errors (a missing option) exit with status 2.
+one-line message; usage errors (a missing option) exit with status 2. The ``torch``
+and ``keras`` subcommands live in :mod:`.framework_cli`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import onnx
 
 from . import nb101, nb201, nlp
 from ._builder import save_model_atomic
+from .framework_cli import convert_keras, convert_torch
 
 __all__ = ["convert"]
 
@@ -44,7 +47,11 @@ _SEED_OPTION = click.option(
 
 @click.group("convert")
 def convert() -> None:
-    """Convert a NAS-benchmark architecture encoding to an ONNX model."""
+    """Convert a NAS-benchmark encoding, a PyTorch module or a Keras model to ONNX."""
+
+
+convert.add_command(convert_torch)
+convert.add_command(convert_keras)
 
 
 @convert.command("nb201")

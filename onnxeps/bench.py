@@ -143,12 +143,18 @@ def read_candidates(space: Space, truth: Path, column: str) -> list[Candidate]:
             "--metric-column with one of its columns.",
         )
     try:
-        return space.read(rows, column)
+        candidates = space.read(rows, column)
     except (KeyError, ValueError) as error:
         raise InputError(
             f"{truth}: not a {space.name} ground-truth table ({type(error).__name__}: "
             f"{error})."
         ) from error
+    if not candidates:
+        raise InputError(
+            f"{truth}: no row has a value in column {column!r}.",
+            "Pass --metric-column with a column that has values.",
+        )
+    return candidates
 
 
 @dataclass

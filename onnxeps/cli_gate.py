@@ -52,11 +52,13 @@ def _validate_checks(min_epsilon, baseline, max_drop) -> None:
         )
 
 
-def _check_junit_path(junit_path: str | None, models: list[str]) -> None:
+def _check_junit_path(junit_path: str | None, output_path: str | None, models: list[str]) -> None:
     if junit_path is None:
         return
     if any(Path(junit_path).resolve() == Path(m).resolve() for m in models):
         raise click.UsageError(f"--junit {junit_path} would overwrite an input model.")
+    if output_path is not None and Path(junit_path).resolve() == Path(output_path).resolve():
+        raise click.UsageError("--junit and -o name the same file; give two paths.")
     _check_folder(junit_path)
 
 
@@ -108,7 +110,7 @@ def gate_command(model, min_epsilon, baseline_path, max_drop, junit_path, input_
     _validate_checks(min_epsilon, baseline_path, max_drop)
     check_input_choice(input_path, synthetic)
     fmt = _resolve_format(fmt, output_path, models)
-    _check_junit_path(junit_path, models)
+    _check_junit_path(junit_path, output_path, models)
     gate = run_gate(
         model, input_path, min_epsilon=min_epsilon, baseline=baseline_path,
         max_drop_pct=max_drop, synthetic=synthetic, **options,

@@ -24,6 +24,7 @@ from onnxeps.cli import (
 )
 from onnxeps.cli_scoring import check_input_choice, scoring_options
 from onnxeps.errors import OnnxepsError
+from onnxeps.pareto import pareto_plot
 from onnxeps.report import render
 from onnxeps.screen import (
     COST_COLUMNS,
@@ -31,7 +32,6 @@ from onnxeps.screen import (
     MACS_CONVENTION,
     SCREEN_COLUMNS,
     mark_pareto,
-    pareto_plot,
     screen_model,
 )
 
@@ -71,7 +71,7 @@ def _summarise(records: list[dict], total: int, cost_column: str) -> None:
 
 @click.command("screen")
 @click.argument("models", nargs=-1, required=True, type=click.Path())
-@click.option("--latency-runs", type=click.IntRange(min=0), default=DEFAULT_LATENCY_RUNS, show_default=True, help="Timed ONNX Runtime runs per batch size, after 3 warm-up runs; 0 skips the latency columns.")
+@click.option("--latency-runs", type=click.IntRange(min=0), default=DEFAULT_LATENCY_RUNS, show_default=True, help="Timed ONNX Runtime runs per batch size, after 3 warm-up runs and within --timeout seconds; 0 skips the latency columns.")
 @click.option("--cost-column", type=click.Choice(COST_COLUMNS), default="macs", show_default=True, help="Cost that the Pareto front minimises (while maximising epsilon).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG of epsilon against the cost column, Pareto front highlighted; needs onnxeps[plot].")
 @scoring_options

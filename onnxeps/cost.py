@@ -64,7 +64,7 @@ def _conv(node, shapes) -> int | None:
     if out is None or weight is None:
         return None
     # Weight (C_out, C_in / group, k...): each output element sums C_in/group * k inputs.
-    return int(np.prod(out[1:], dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+    return int(np.prod(out, dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
 
 
 def _conv_transpose(node, shapes) -> int | None:
@@ -72,7 +72,7 @@ def _conv_transpose(node, shapes) -> int | None:
     if x is None or weight is None:
         return None
     # Weight (C_in, C_out / group, k...): each input element scatters to C_out/group * k.
-    return int(np.prod(x[1:], dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+    return int(np.prod(x, dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
 
 
 def _gemm(node, shapes) -> int | None:
@@ -95,10 +95,10 @@ def _recurrent(gates: int) -> Callable:
         x, w, r = shapes(node.input[0]), shapes(node.input[1]), shapes(node.input[2])
         if x is None or w is None or r is None:
             return None
-        steps = x[0] if _attribute(node, "layout", 0) == 0 else x[1]
-        # W (dirs, gates*H, I) and R (dirs, gates*H, H) multiply every step.
+        # X is (steps, batch, I), or (batch, steps, I) with layout 1; W (dirs, gates*H,
+        # I) and R (dirs, gates*H, H) multiply every step of every sequence.
         per_step = int(np.prod(w, dtype=np.int64) + np.prod(r, dtype=np.int64))
-        return steps * per_step
+        return x[0] * x[1] * per_step
 
     return count
 
@@ -127,8 +127,12 @@ def _with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
 
 
 def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> tuple[int, list[str]]:
-    """Count MACs at the given input shapes (batch 1 gives MACs per sample)."""
-    types = infer_types(_with_input_shapes(model, input_shapes))
+    """Count MACs of the whole batch at the given input shapes.
+
+    With a batch of one this is MACs per sample. Shapes come from shape inference with
+    data propagation, so shapes computed at run time (Shape, Concat, ...) count too.
+    """
+    types = infer_types(_with_input_shapes(model, input_shapes), data_prop=True)
 
     def shapes(name: str) -> tuple[int, ...] | None:
         return _static(types.get(name))

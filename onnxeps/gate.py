@@ -50,7 +50,7 @@ _SEVERITY = ("passed", "failed", "undefined", "error")
 
 @dataclass
 class GateCheck:
-    """The outcome of one check; field order is the record's column order.
+    """The outcome of one check, with fields in the record's column order.
 
     ``threshold`` is the minimum epsilon for ``min-epsilon`` and the largest allowed
     drop in percent for ``baseline``. ``drop_pct`` is the relative drop of epsilon

@@ -38,8 +38,9 @@ def find_runtime_crashers(model: onnx.ModelProto) -> list[str]:
     """Describe each node that is known to crash ONNX Runtime's process.
 
     BatchNormalization with training_mode=1 and an empty running_mean or running_var
-    output (e.g. outputs ['Y', '', '']) ends ONNX Runtime 1.31 and 1.32 with a
-    segmentation fault in ``run()``. Such a model must never reach a session.
+    output ends ONNX Runtime with a segmentation fault in ``run()``: checked on 1.32.0
+    for outputs ['Y', '', ''], ['Y', 'm', ''] and ['Y', '', 'v']. Such a model must
+    never reach a session.
     """
     found = []
     for ref in iter_graphs(model):
@@ -69,7 +70,13 @@ def open_session(source: str | bytes, device: str):
     except Exception as error:  # onnxruntime raises its own unexported types
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:500]
         raise RuntimeFailure(f"ONNX Runtime could not build a session: {first}") from error
-    return session, session.get_providers()[0]
+    provider = session.get_providers()[0]
+    if device == "cuda" and provider != "CUDAExecutionProvider":
+        raise RuntimeFailure(
+            "the CUDA execution provider failed to load, and ONNX Runtime fell back to "
+            "the CPU; use --device cpu to measure CPU latency."
+        )
+    return session, provider
 
 
 def _timed_run(session, feeds: dict[str, np.ndarray], run_options) -> float:

@@ -37,11 +37,23 @@ from onnxeps.roles import (
     action_for,
 )
 
-__all__ = ["PlanEntry", "Plan", "build_plan", "ROLE_HINTS_KEY", "FLOAT_TYPES"]
+__all__ = [
+    "PlanEntry",
+    "Plan",
+    "build_plan",
+    "ROLE_HINTS_KEY",
+    "NORMALISATION_KEY",
+    "FLOAT_TYPES",
+]
 
 log = logging.getLogger(__name__)
 
 ROLE_HINTS_KEY = "onnxeps.roles"
+# The torch and Keras converters record here what became of normalisation layers with
+# stored statistics: "kept" (each is a normalisation operator in the graph), "folded"
+# (at least one was folded into neighbouring operators at export) or "absent" (the
+# source model has none).
+NORMALISATION_KEY = "onnxeps.normalisation"
 FLOAT_TYPES = frozenset(
     {
         onnx.TensorProto.FLOAT,
@@ -343,26 +355,90 @@ def _model_warnings(model: onnx.ModelProto) -> list[str]:
             f"the model draws random numbers at run time ({', '.join(noise)}); "
             "scores may differ between runs"
         )
-    if _has_folded_normalisation(model, ops):
-        warnings.append(
-            "convolutions carry biases and the model has no normalisation operators: "
-            "if BatchNormalization was folded into them at export, the score is that "
-            "of a network without normalisation, not the reference semantics (batch "
-            "statistics); re-export with normalisation kept (torch.onnx: "
-            "do_constant_folding=False)"
-        )
+    folded = _folded_normalisation_warning(model, ops)
+    if folded is not None:
+        warnings.append(folded)
     return warnings
 
 
-def _has_folded_normalisation(model: onnx.ModelProto, ops: set[str]) -> bool:
-    if ops & NORMALISATION_OPS:
-        return False
+_FOLDED_EFFECT = (
+    "the score is then that of a network without normalisation, not the reference "
+    "semantics (batch statistics)"
+)
+_KEEP_NORMALISATION = (
+    "re-export with normalisation kept (onnxeps convert torch or onnxeps convert "
+    "keras; torch.onnx: do_constant_folding=False)"
+)
+
+
+def _folded_normalisation_warning(model: onnx.ModelProto, ops: set[str]) -> str | None:
+    """Return a warning when normalisation was, or may have been, folded at export.
+
+    The evidence, strongest first: the record of an onnxeps converter in the metadata,
+    the names tf2onnx gives the tensors of a Conv+BatchNormalization fusion, Conv
+    weights that torch.onnx computed at export, and last convolutions with biases in a
+    graph without normalisation operators, which plain CNNs also have.
+    """
+    recorded = next(
+        (p.value for p in model.metadata_props if p.key == NORMALISATION_KEY), None
+    )
+    if recorded == "folded":
+        return (
+            f"the converter recorded that normalisation was folded into neighbouring "
+            f"operators at export (metadata {NORMALISATION_KEY} = folded): "
+            f"{_FOLDED_EFFECT}; {_KEEP_NORMALISATION}"
+        )
+    fused = _tf2onnx_fused_tensors(model)
+    if fused:
+        more = f" and {len(fused) - 1} more" if len(fused) > 1 else ""
+        return (
+            f"tf2onnx folded BatchNormalization into a convolution (initializer "
+            f"'{fused[0]}'{more}): {_FOLDED_EFFECT}; {_KEEP_NORMALISATION}"
+        )
+    if ops & NORMALISATION_OPS or recorded == "absent":
+        return None
+    biased = _biased_convolutions(model)
+    if not biased:
+        return None
+    if model.producer_name == "pytorch":
+        # With do_constant_folding=False, torch.onnx names weights after the module's
+        # parameters; a fold computes new tensors that it names "onnx::Conv_<n>".
+        computed = [node for node in biased if node.input[1].startswith("onnx::")]
+        if computed:
+            node = computed[0]
+            return (
+                f"Conv '{node.name or node.output[0]}' reads weights that torch.onnx "
+                f"computed at export ('{node.input[1]}'), as its constant folding does "
+                f"when it folds BatchNormalization into the convolution: "
+                f"{_FOLDED_EFFECT}; {_KEEP_NORMALISATION}"
+            )
+    return (
+        "convolutions carry biases and the model has no normalisation operators: "
+        "either the model never had normalisation, or BatchNormalization was folded "
+        f"into the convolutions at export; in the second case {_FOLDED_EFFECT}; "
+        f"{_KEEP_NORMALISATION}"
+    )
+
+
+def _tf2onnx_fused_tensors(model: onnx.ModelProto) -> list[str]:
+    # tf2onnx 1.17 names the weights and bias of a fused Conv+BatchNormalization
+    # "<conv>_weights_fused_bn" and "<conv>_bias_fused_bn".
+    return [
+        tensor.name
+        for ref in iter_graphs(model)
+        for tensor in ref.graph.initializer
+        if tensor.name.endswith("_fused_bn")
+    ]
+
+
+def _biased_convolutions(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    found = []
     for ref in iter_graphs(model):
         for node in ref.graph.node:
             if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 2:
                 if node.input[2]:
-                    return True
-    return False
+                    found.append(node)
+    return found
 
 
 def build_plan(model: onnx.ModelProto, recurrent_as_weight: bool = False) -> Plan:

@@ -21,7 +21,6 @@ Each record is the score record followed by these columns, in this order:
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -33,12 +32,20 @@ from onnxeps.corpus import TEXT_SUFFIXES
 from onnxeps.cost import count_macs, parameter_count
 from onnxeps.errors import InputError, OnnxepsError
 from onnxeps.graphs import iter_tensors
-from onnxeps.inputs import Batch, batch_from_arrays, read_array_file, synthetic_batch
+from onnxeps.infer import skeleton
+from onnxeps.inputs import (
+    Batch,
+    _symbolic_batch_axis,
+    batch_from_arrays,
+    input_specs,
+    read_array_file,
+    synthetic_batch,
+)
 from onnxeps.latency import find_runtime_crashers, median_latency_ms, open_session
 from onnxeps.load import LoadedModel, load_model
 from onnxeps.memory import peak_activation_bytes
 from onnxeps.plan import Plan, build_plan
-from onnxeps.report import atomic_write
+from onnxeps.pareto import pareto_flags
 from onnxeps.score import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_TIMEOUT, score
 
 __all__ = [
@@ -49,9 +56,7 @@ __all__ = [
     "screen_model",
     "file_bytes",
     "macs_per_sample",
-    "pareto_flags",
     "mark_pareto",
-    "pareto_plot",
 ]
 
 log = logging.getLogger(__name__)
@@ -123,35 +128,58 @@ def _shapes(batch: Batch) -> dict[str, tuple[int, ...]]:
     return {name: tuple(array.shape) for name, array in batch.feeds.items()}
 
 
+def _per_sample_shapes(model: onnx.ModelProto, batch: Batch, warnings: list[str]):
+    """Return the batch's input shapes with each fixed batch axis set to 1.
+
+    Scoring takes axis 0 as the batch of an input without a symbolic batch axis.
+    """
+    shapes = _shapes(batch)
+    for spec in input_specs(model):
+        shape = shapes.get(spec.name)
+        if spec.shape is None or not shape or shape[0] == 1:
+            continue
+        if _symbolic_batch_axis(spec.shape) is None:
+            shapes[spec.name] = (1, *shape[1:])
+            warnings.append(
+                f"input '{spec.name}' has a fixed batch axis of {shape[0]}; MACs are "
+                "counted with it set to 1"
+            )
+    return shapes
+
+
+def _without_declared_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy the model without the shapes declared for outputs and intermediate tensors.
+
+    Shape inference keeps a declared shape over an inferred one, so a fixed batch
+    declared there would survive setting the input's batch axis to 1.
+    """
+    bare = skeleton(model)
+    del bare.graph.value_info[:]
+    for value in bare.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    return bare
+
+
 def macs_per_sample(
     model: onnx.ModelProto, plan: Plan, inputs, synthetic, seq_len, seed,
     scoring_batch: int, warnings: list[str],
 ) -> int:  # fmt: skip
-    """Count MACs per sample at the scoring input shapes with a batch of 1.
-
-    A model with a fixed batch axis of n is counted at n samples and divided by n.
-    """
+    """Count MACs at the scoring input shapes with a batch of 1."""
     try:
         batch = _batch_like_scoring(model, plan, inputs, synthetic, 1, seq_len, seed)
     except InputError:
         # User arrays for a fixed batch axis cannot be cut to one sample.
         batch = _batch_like_scoring(model, plan, inputs, synthetic, scoring_batch, seq_len, seed)
-    macs, uncounted = count_macs(model, _shapes(batch))
+    shapes = _per_sample_shapes(model, batch, warnings)
+    if shapes != _shapes(batch):
+        model = _without_declared_shapes(model)
+    macs, uncounted = count_macs(model, shapes)
     if uncounted:
         shown = ", ".join(uncounted[:3])
         warnings.append(
             f"MACs of {len(uncounted)} operators not counted, because their shapes are "
             f"not static ({shown})"
         )
-    samples = batch.batch_size
-    if samples > 1:
-        # NOTE: the recurrent rule in onnxeps.cost counts one sample whatever the
-        # batch, so this division undercounts LSTM/GRU/RNN MACs in such models.
-        warnings.append(
-            f"the batch axis is fixed at {samples}; MACs per sample are the MACs of "
-            f"{samples} samples divided by {samples}"
-        )
-        macs = round(macs / samples)
     return macs
 
 
@@ -170,8 +198,11 @@ def _latencies(
     loaded: LoadedModel, plan: Plan, settings: dict, batch_size: int, runs: int,
     warnings: list[str],
 ) -> tuple[float | None, float | None]:  # fmt: skip
-    """Measure latency at batch 1 and at ``batch_size``; (None, None) with a warning
-    when the model is known to crash the runtime or a run fails."""
+    """Measure latency at batch 1 and at ``batch_size``.
+
+    Returns (None, None) and appends a warning when the model is known to crash the
+    runtime or a run fails.
+    """
     if runs == 0:
         return None, None
     crashers = find_runtime_crashers(loaded.proto)
@@ -249,37 +280,6 @@ def screen_model(
     return record
 
 
-def _defined(value) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
-
-
-def pareto_flags(points: list[tuple[float | None, float | None]]) -> list[bool]:
-    """Mark the (epsilon, cost) points that no other point dominates.
-
-    A point dominates another when its epsilon is at least as high and its cost at most
-    as high, and one of the two strictly. Equal points are all on the front. A point
-    with an undefined epsilon or cost is never on the front.
-    """
-    flags = [False] * len(points)
-    candidates = [i for i, (eps, cost) in enumerate(points) if _defined(eps) and _defined(cost)]
-    candidates.sort(key=lambda i: points[i][1])
-    best_cheaper = -math.inf  # the highest epsilon among strictly cheaper points
-    start = 0
-    while start < len(candidates):
-        cost = points[candidates[start]][1]
-        end = start
-        while end < len(candidates) and points[candidates[end]][1] == cost:
-            end += 1
-        group = candidates[start:end]
-        top = max(points[i][0] for i in group)
-        if top > best_cheaper:
-            for i in group:
-                flags[i] = points[i][0] == top
-        best_cheaper = max(best_cheaper, top)
-        start = end
-    return flags
-
-
 def mark_pareto(records: list[dict], cost_column: str) -> None:
     """Set each record's ``pareto`` for maximal epsilon and minimal ``cost_column``."""
     if cost_column not in COST_COLUMNS:
@@ -289,36 +289,3 @@ def mark_pareto(records: list[dict], cost_column: str) -> None:
     points = [(record["epsilon"], record.get(cost_column)) for record in records]
     for record, flag in zip(records, pareto_flags(points)):
         record["pareto"] = flag
-
-
-def pareto_plot(records: list[dict], cost_column: str, path: str | os.PathLike) -> None:
-    """Draw epsilon against the cost column with the Pareto front highlighted; write a
-    PNG atomically. Needs matplotlib (the ``plot`` extra)."""
-    from onnxeps.plot import _pyplot
-
-    plt = _pyplot()
-    shown = [r for r in records if _defined(r["epsilon"]) and _defined(r.get(cost_column))]
-    front = sorted((r for r in shown if r["pareto"]), key=lambda r: r[cost_column])
-    figure, axes = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    axes.scatter(
-        [r[cost_column] for r in shown], [r["epsilon"] for r in shown],
-        s=12, color="0.6", label="candidate",
-    )  # fmt: skip
-    axes.step(
-        [r[cost_column] for r in front], [r["epsilon"] for r in front],
-        where="post", color="tab:red", marker="o", label="Pareto front",
-    )  # fmt: skip
-    if shown and min(r[cost_column] for r in shown) > 0:
-        axes.set_xscale("log")
-    axes.set_xlabel(cost_column)
-    axes.set_ylabel("epsilon")
-    title = f"{len(front)} of {len(records)} models on the Pareto front"
-    hidden = len(records) - len(shown)
-    if hidden:
-        title += f"; {hidden} with no epsilon or no {cost_column} not drawn"
-    axes.set_title(title)
-    axes.legend()
-    try:
-        atomic_write(path, lambda stream: figure.savefig(stream, format="png", bbox_inches="tight"))
-    finally:
-        plt.close(figure)

@@ -70,9 +70,8 @@ def rank_statistics(
     if policy == "omit":
         score, truth = score[defined], truth[defined]
     elif policy == "rank-last":
-        # One value below every defined score: the undefined models tie for last.
-        floor = score[defined].min() - 1.0 if defined.any() else 0.0
-        score = np.where(defined, score, floor)
+        # -inf ranks below every defined score, so the undefined models tie for last.
+        score = np.where(defined, score, -np.inf)
     else:
         raise ValueError(f"unknown NaN policy {policy!r}; valid: {', '.join(NAN_POLICIES)}")
     result = {"policy": policy, "n": int(truth.size), "defined": int(defined.sum()),

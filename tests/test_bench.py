@@ -113,7 +113,8 @@ def test_nb201_summary_settings(nb201_result, nb201_truth):
     assert summary["sample"] == SAMPLE
     assert summary["scored"] == SAMPLE
     assert summary["failed"] == 0
-    assert summary["input"] == "synthetic:grey"
+    assert summary["input"] == "synthetic:input=grey"
+    assert summary["input"] == nb201_result.records[0]["input"]
     assert summary["weights"] == [1e-7, 1.0]
     assert summary["batch_size"] == BATCH
 
@@ -260,7 +261,18 @@ def test_blank_truth_skipped(tmp_path):
     assert [candidate.truth for candidate in candidates] == [50.5]
 
 
+def test_no_candidates_raises(tmp_path):
+    truth = tmp_path / "truth.csv"
+    truth.write_text(f"arch_str,test_acc_c10\n{ALL_NONE},\n")
+    with pytest.raises(InputError):
+        run_bench("nb201", truth, sample=None)
+
+
 # ----- command line -----
+
+
+def reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def invoke(args):
@@ -275,7 +287,7 @@ def test_cli_json_report(tmp_path, nb201_truth):
                      "-o", str(report), "--records", str(records)])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
-    summary = json.loads(report.read_text())
+    summary = json.loads(report.read_text(), parse_constant=reject_constant)
     assert isinstance(summary, dict)
     assert summary["sample"] == 6
     assert set(summary["statistics"]) == STATISTICS

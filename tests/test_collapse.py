@@ -40,8 +40,9 @@ NB101_SAMPLE = 10
 NB101_SEED = 101
 # Relative tolerance for exact rewrites of the same graph.
 RTOL = 1e-5
-# Absolute floor: float32 rounding moves epsilon by up to about 1e-6 in cells whose
-# epsilon is ~1e-3 (the outputs at w = 1e-7 then differ in their last bits).
+# Absolute floor: 1e-6 is the float32 resolution of epsilon for cells whose epsilon is
+# ~1e-3. The largest difference on the 44 NB201 cells below is 8.8e-7 (onnxruntime 1.32,
+# CPU).
 ATOL = 1e-6
 
 ALL_NONE = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
@@ -213,21 +214,9 @@ def test_nb101_same_nan_set(nb101_cells, nb101_scores):
         assert collapsed.defined == full.defined, cell
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="float32 rounding in the full NB101 graph moves epsilon by up to 4.6e-4 "
-    "relative, and by up to 1.4e-5 where epsilon is near 0, beyond the 1e-5 "
-    "exact-rewrite tolerance. In float64 both graphs agree "
-    "(test_float64_nb101_graphs_equal)",
-)
-def test_nb101_values_equal(nb101_cells, nb101_scores):
-    differences = []
-    for cell, (collapsed, full) in zip(nb101_cells, nb101_scores):
-        if not (collapsed.defined and full.defined):
-            continue
-        if not close(collapsed.epsilon, full.epsilon):
-            differences.append((cell[1], collapsed.epsilon, full.epsilon))
-    assert differences == []
+# NOTE: the NB101 values are compared in float64 below, not here. In float32 the full
+# graph's rounding moves epsilon by up to 4.6e-4 relative on these cells, beyond the
+# 1e-5 exact-rewrite tolerance, while the narrow graph stays within 1.2e-6 of float64.
 
 
 # ----- float64 evaluation of both graphs -----
@@ -279,6 +268,7 @@ def _evaluate_node(op: str, a: dict, x: list) -> torch.Tensor:
     if op == "ReduceMean":
         axes = a.get("axes") or x[1].tolist()
         return x[0].mean(dim=axes, keepdim=bool(a.get("keepdims", 1)))
+
     if op in ARITHMETIC:
         return ARITHMETIC[op](x[0], x[1])
     if op == "Sum":
@@ -287,6 +277,7 @@ def _evaluate_node(op: str, a: dict, x: list) -> torch.Tensor:
         return torch.sqrt(x[0])
     if op == "Relu":
         return torch.relu(x[0])
+
     if op == "Conv":
         bias = x[2] if len(x) > 2 else None
         return F.conv2d(x[0], x[1], bias, groups=a.get("group", 1), **_window(a))
@@ -297,6 +288,7 @@ def _evaluate_node(op: str, a: dict, x: list) -> torch.Tensor:
         return F.avg_pool2d(
             x[0], a["kernel_shape"], count_include_pad=include, **_window(a)
         )
+
     if op == "GlobalAveragePool":
         return x[0].mean(dim=(2, 3), keepdim=True)
     if op == "Flatten":
@@ -308,6 +300,7 @@ def _evaluate_node(op: str, a: dict, x: list) -> torch.Tensor:
         if len(x) > 2 and x[2] is not None:
             y = y + a.get("beta", 1.0) * x[2]
         return y
+
     if op == "Concat":
         return torch.cat(x, dim=a["axis"])
     if op == "Slice":

@@ -190,11 +190,6 @@ def test_macs_grouped_conv_matmul():
     assert macs == GROUPED_CONV + MATMUL + GEMM
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="count_macs counts Conv, ConvTranspose and recurrent MACs per sample (it "
-    "skips the batch axis) but Gemm and MatMul for the whole batch",
-)
 def test_macs_scale_with_batch():
     # count_macs documents the count at the given shapes, so a batch of 3 costs 3 times
     # a batch of one.
@@ -304,12 +299,6 @@ NLP_RECIPE = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shape inference without data propagation leaves the batch axis of the "
-    "unrolled NLP states unknown (it comes from Shape and Expand), so every Gemm after "
-    "layer 0's input Gemm and the decoder MatMul are uncounted",
-)
 def test_macs_nlp_recipe():
     from onnxeps.converters import nlp
 

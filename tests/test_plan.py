@@ -80,7 +80,7 @@ def test_plan_record_keys_in_order():
 
 def test_plan_conv_bias_warns_folded_normalisation():
     plan = build_plan(make_model(_CONV, w=ones(4, 3, 3, 3), b=ones(4)))
-    assert any("probably folded" in warning for warning in plan.warnings)
+    assert any("was folded into the convolutions" in warning for warning in plan.warnings)
 
 
 def test_plan_conv_without_bias_no_folded_warning():

@@ -19,7 +19,8 @@ from onnxeps.cli import main
 from onnxeps.converters import nb201
 from onnxeps.latency import find_runtime_crashers
 from onnxeps.memory import peak_activation_bytes
-from onnxeps.screen import mark_pareto, pareto_flags, screen_model
+from onnxeps.pareto import pareto_flags
+from onnxeps.screen import mark_pareto, screen_model
 
 _COLUMNS = [
     "model", "sha256", "epsilon", "reason", "weights", "batch_size", "input", "output",
@@ -183,8 +184,8 @@ _CELLS_PER_STAGE = 5
 
 def nb201_hand_count(conv3x3_per_cell: int, conv1x1_per_cell: int) -> int:
     cells = sum(
-        _CELLS_PER_STAGE * (conv3x3_per_cell * three + conv1x1_per_cell * one)
-        for three, one in zip(_CELL_3X3, _CELL_1X1)
+        _CELLS_PER_STAGE * (conv3x3_per_cell * conv3x3 + conv1x1_per_cell * conv1x1)
+        for conv3x3, conv1x1 in zip(_CELL_3X3, _CELL_1X1)
     )
     return _STEM + _REDUCTIONS + _CLASSIFIER + cells
 
@@ -224,6 +225,16 @@ def test_screen_macs_per_sample_whatever_batch():
     small = screen_model(grouped_conv_matmul_model(), batch_size=4, latency_runs=0)
     large = screen_model(grouped_conv_matmul_model(), batch_size=16, latency_runs=0)
     assert small["macs"] == large["macs"]
+
+
+def test_screen_macs_fixed_batch_axis():
+    model = grouped_conv_matmul_model()
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 4
+    record = screen_model(model, batch_size=8, latency_runs=0)
+    assert record["batch_size"] == 4
+    assert record["macs"] == 8 * 8 * 8 * (4 // 2) * 3 * 3 + 10 * 512
+    assert any("MACs are counted with it set to 1" in w for w in record["warnings"])
 
 
 # ----- peak activation memory -----
