@@ -25,7 +25,7 @@ from onnxeps.cost import model_costs
 from onnxeps.errors import InputError, OnnxepsError
 from onnxeps.inputs import read_array_file
 from onnxeps.plan import build_plan
-from onnxeps.score import ScoreResult, score
+from onnxeps.score import DEFAULT_SEQ_LEN, ScoreResult, score
 from onnxeps.stats import NAN_POLICIES, rank_statistics
 
 __all__ = [
@@ -58,7 +58,7 @@ class Space:
     metric_column: str
     higher_is_better: bool
     read: Callable[[list[dict], str], list[Candidate]]
-    build: Callable[[object], onnx.ModelProto]
+    build: Callable[[object, dict], onnx.ModelProto]
     image_input: bool
 
 
@@ -103,23 +103,24 @@ def _read_nlp(rows: list[dict], column: str) -> list[Candidate]:
     return found
 
 
-def _build_nb201(encoding) -> onnx.ModelProto:
+def _build_nb201(encoding, options: dict) -> onnx.ModelProto:
     from onnxeps.converters import nb201
 
     return nb201.build(encoding)
 
 
-def _build_nb101(encoding) -> onnx.ModelProto:
+def _build_nb101(encoding, options: dict) -> onnx.ModelProto:
     from onnxeps.converters import nb101
 
     matrix, ops = encoding
     return nb101.build(matrix, ops)
 
 
-def _build_nlp(encoding) -> onnx.ModelProto:
+def _build_nlp(encoding, options: dict) -> onnx.ModelProto:
+    """Unroll over --seq-len steps (default 70, as the benchmark's bptt)."""
     from onnxeps.converters import nlp
 
-    return nlp.build(encoding)
+    return nlp.build(encoding, seq_len=options.get("seq_len") or DEFAULT_SEQ_LEN)
 
 
 SPACES: dict[str, Space] = {
@@ -174,7 +175,7 @@ def _sample(candidates: list[Candidate], size: int | None, seed: int) -> list[Ca
 
 
 def _score_one(space: Space, candidate: Candidate, inputs, options: dict) -> dict:
-    model = space.build(candidate.encoding)
+    model = space.build(candidate.encoding, options)
     result: ScoreResult = score(model, inputs, preset=space.preset, **options)
     plan = build_plan(model)
     batch_one = {

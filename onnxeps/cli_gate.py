@@ -13,16 +13,17 @@ from pathlib import Path
 
 import click
 
-from onnxeps.cli import (
+from onnxeps.cli_common import (
+    check_input_choice,
+    scoring_options,
     SCORE_COLUMNS,
-    _check_folder,
-    _configure_logging,
-    _output_options,
-    _report_error,
-    _resolve_format,
-    _verbosity,
+    check_folder,
+    configure_logging,
+    output_options,
+    report_error,
+    resolve_format,
+    verbosity_options,
 )
-from onnxeps.cli_scoring import check_input_choice, scoring_options
 from onnxeps.gate import CHECK_COLUMNS, GateResult, run_gate, write_junit
 from onnxeps.report import render, write_output
 
@@ -31,7 +32,8 @@ __all__ = ["gate_command", "GATE_COLUMNS", "GATE_TABLE_COLUMNS"]
 log = logging.getLogger("onnxeps")
 
 # CSV carries score and check records in one table: each row fills the columns of its kind.
-GATE_COLUMNS = ["kind", *SCORE_COLUMNS] + [c for c in CHECK_COLUMNS if c not in SCORE_COLUMNS]
+GATE_COLUMNS = ["kind", *SCORE_COLUMNS]
+GATE_COLUMNS += [column for column in CHECK_COLUMNS if column not in SCORE_COLUMNS]
 GATE_TABLE_COLUMNS = [
     "check", "model", "epsilon", "baseline_epsilon", "drop_pct", "threshold", "status",
     "message",
@@ -57,15 +59,18 @@ def _check_junit_path(junit_path: str | None, output_path: str | None, models: l
         return
     if any(Path(junit_path).resolve() == Path(m).resolve() for m in models):
         raise click.UsageError(f"--junit {junit_path} would overwrite an input model.")
-    if output_path is not None and Path(junit_path).resolve() == Path(output_path).resolve():
+    same_as_output = output_path is not None and (
+        Path(junit_path).resolve() == Path(output_path).resolve()
+    )
+    if same_as_output:
         raise click.UsageError("--junit and -o name the same file; give two paths.")
-    _check_folder(junit_path)
+    check_folder(junit_path)
 
 
 def _log_outcome(gate: GateResult) -> None:
     """Log each error, undefined reason and failure as one line, then a summary."""
     for name, error in gate.errors:
-        _report_error(name, error)
+        report_error(name, error)
     reasons = []
     for check in gate.checks:
         if check.status == "undefined" and check.message not in reasons:
@@ -79,7 +84,9 @@ def _log_outcome(gate: GateResult) -> None:
         for warning in result.warnings:
             log.warning("%s: %s", result.model, warning)
     passed = sum(check.passed for check in gate.checks)
-    log.info("gate: %d of %d checks passed (exit %d)", passed, len(gate.checks), gate.exit_code)
+    log.info(
+        "gate: %d of %d checks passed (exit %d)", passed, len(gate.checks), gate.exit_code
+    )
 
 
 def _write(write, path: str) -> None:
@@ -97,19 +104,19 @@ def _write(write, path: str) -> None:
 @click.option("--max-drop", type=click.FloatRange(min=0), help="Largest allowed drop of epsilon below the baseline's, in percent of the baseline's.")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Also write a JUnit XML report to FILE (atomically): one testcase per check.")
 @scoring_options
-@_output_options
-@_verbosity
+@output_options
+@verbosity_options
 def gate_command(model, min_epsilon, baseline_path, max_drop, junit_path, input_path, synthetic, fmt, output_path, verbose, quiet, **options) -> None:
     """Check MODEL's epsilon against a minimum and/or a baseline model.
 
     Exit codes: 0 every check passed, 1 a check failed, 2 usage error or a model or
     input that cannot be evaluated, 3 epsilon undefined.
     """
-    _configure_logging(verbose, quiet)
+    configure_logging(verbose, quiet)
     models = [model] if baseline_path is None else [model, baseline_path]
     _validate_checks(min_epsilon, baseline_path, max_drop)
     check_input_choice(input_path, synthetic)
-    fmt = _resolve_format(fmt, output_path, models)
+    fmt = resolve_format(fmt, output_path, models)
     _check_junit_path(junit_path, output_path, models)
     gate = run_gate(
         model, input_path, min_epsilon=min_epsilon, baseline=baseline_path,

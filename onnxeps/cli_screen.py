@@ -12,17 +12,18 @@ import sys
 
 import click
 
-from onnxeps.cli import (
+from onnxeps.cli_common import (
+    check_input_choice,
+    scoring_options,
     SCORE_COLUMNS,
-    _check_folder,
-    _configure_logging,
-    _output_options,
-    _report_error,
-    _resolve_format,
-    _verbosity,
-    _write_or_fail,
+    check_folder,
+    configure_logging,
+    output_options,
+    report_error,
+    resolve_format,
+    verbosity_options,
+    write_or_fail,
 )
-from onnxeps.cli_scoring import check_input_choice, scoring_options
 from onnxeps.errors import OnnxepsError
 from onnxeps.pareto import pareto_plot
 from onnxeps.report import render
@@ -51,7 +52,7 @@ def _screen_all(models, input_path, latency_runs, options) -> list[dict]:
         try:
             record = screen_model(model, input_path, latency_runs=latency_runs, **options)
         except Exception as error:  # one failing model must not stop the others
-            _report_error(model, error)
+            report_error(model, error)
             continue
         for warning in record["warnings"]:
             log.warning("%s: %s", model, warning)
@@ -75,20 +76,21 @@ def _summarise(records: list[dict], total: int, cost_column: str) -> None:
 @click.option("--cost-column", type=click.Choice(COST_COLUMNS), default="macs", show_default=True, help="Cost that the Pareto front minimises (while maximising epsilon).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG of epsilon against the cost column, Pareto front highlighted; needs onnxeps[plot].")
 @scoring_options
-@_output_options
-@_verbosity
+@output_options
+@verbosity_options
 def screen_command(models, latency_runs, cost_column, plot_path, input_path, synthetic, fmt, output_path, verbose, quiet, **options) -> None:
     """Score each MODEL and report its size, MACs, activation memory and latency."""
-    _configure_logging(verbose, quiet)
+    configure_logging(verbose, quiet)
     check_input_choice(input_path, synthetic)
-    fmt = _resolve_format(fmt, output_path, models)
-    _check_folder(plot_path)
-    records = _screen_all(models, input_path, latency_runs, {"synthetic": synthetic, **options})
+    fmt = resolve_format(fmt, output_path, models)
+    check_folder(plot_path)
+    options["synthetic"] = synthetic
+    records = _screen_all(models, input_path, latency_runs, options)
     mark_pareto(records, cost_column)
     text = render(records, fmt, SCREEN_RECORD_COLUMNS, SCREEN_TABLE_COLUMNS)
     if fmt == "table" and records:
         text += f"{MACS_CONVENTION}; pareto: max epsilon, min {cost_column}\n"
-    _write_or_fail(text, output_path)
+    write_or_fail(text, output_path)
     log.info("%s", MACS_CONVENTION)
     if len(models) > 1:
         _summarise(records, len(models), cost_column)

@@ -46,6 +46,10 @@ CHECK_COLUMNS = [
 ]  # fmt: skip
 _EXIT_CODES = {"passed": 0, "failed": 1, "undefined": 3, "error": 2}
 _SEVERITY = ("passed", "failed", "undefined", "error")
+# Score-record keys copied into the JUnit report's properties.
+_PROPERTY_KEYS = (
+    "sha256", "epsilon", "reason", "weights", "batch_size", "input", "provider",
+)  # fmt: skip
 
 
 @dataclass
@@ -221,7 +225,9 @@ def run_gate(
     if (baseline is None) != (max_drop_pct is None):
         raise ValueError("baseline and max_drop_pct must be given together")
     if min_epsilon is None and baseline is None:
-        raise ValueError("no check requested: give min_epsilon, or baseline and max_drop_pct")
+        raise ValueError(
+            "no check requested: give min_epsilon, or baseline and max_drop_pct"
+        )
     label = os.fspath(model)
     gate = GateResult(label, None if baseline is None else os.fspath(baseline))
     gate.model_score = _score_or_error(model, inputs, score_options, gate.errors)
@@ -283,7 +289,7 @@ def _add_properties(suite: ElementTree.Element, gate: GateResult) -> None:
         if result is None:
             continue
         record = result.record()
-        for key in ("sha256", "epsilon", "reason", "weights", "batch_size", "input", "provider"):
+        for key in _PROPERTY_KEYS:
             value = record[key]
             text = "" if value is None else str(value)
             ElementTree.SubElement(
@@ -302,7 +308,9 @@ def _add_testcase(suite: ElementTree.Element, check: GateCheck) -> None:
         child.text = check.message
     elif check.status in ("undefined", "error"):
         kind = "undefined epsilon" if check.status == "undefined" else "evaluation error"
-        child = ElementTree.SubElement(case, "error", {"message": check.message, "type": kind})
+        child = ElementTree.SubElement(
+            case, "error", {"message": check.message, "type": kind}
+        )
         child.text = check.message
     output = ElementTree.SubElement(case, "system-out")
     output.text = check.message

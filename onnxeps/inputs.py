@@ -91,7 +91,8 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 def _dim(dim) -> int | str | None:
-    if dim.HasField("dim_value"):
+    # Some older exporters mark a dynamic axis as dim_value -1 (or 0).
+    if dim.HasField("dim_value") and dim.dim_value > 0:
         return dim.dim_value
     if dim.HasField("dim_param"):
         return dim.dim_param
@@ -292,14 +293,18 @@ def synthetic_batch(
 def read_array_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a .npy (one array, named ``x``) or .npz file; never unpickles."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an input file.")
     if not path.is_file():
-        raise InputError(f"{path}: input file not found.")
+        raise InputError(f"{path}: input file not found.", "Check the --input path.")
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        # numpy reports any unrecognised file as "pickled data", which misleads here.
+        reason = "object arrays or not a .npy/.npz file" if "pickle" in str(error) else error
         raise InputError(
-            f"{path}: not a readable .npy or .npz file ({error}).",
-            "Save the batch with numpy.save or numpy.savez.",
+            f"{path}: not a readable .npy or .npz file of plain arrays ({reason}).",
+            "Save the batch with numpy.save or numpy.savez (numeric arrays only).",
         ) from error
     if isinstance(loaded, np.ndarray):
         return {"x": loaded}
@@ -319,9 +324,10 @@ def _pick_arrays(specs, arrays: dict[str, np.ndarray], origin: str) -> dict[str,
             return {name: arrays["x"]}
         if len(arrays) == 1:
             return {name: next(iter(arrays.values()))}
+        accepted = f"'{name}' or 'x'" if name != "x" else "'x'"
         raise InputError(
-            f"{origin}: contains arrays {', '.join(sorted(arrays))}; none is named "
-            f"'{name}' or 'x'.",
+            f"{origin}: contains arrays {', '.join(sorted(arrays)) or '(none)'}; none "
+            f"is named {accepted}.",
             f"Name the array for model input '{name}' after it.",
         )
     missing = [spec.name for spec in specs if spec.name not in arrays]
@@ -417,6 +423,10 @@ def batch_from_arrays(
         if _is_nhwc_image(spec, array):
             array = _normalise_image(array, mean, std, spec, warnings)
         axis = _array_batch_axis(spec)
+        if array.ndim > axis and array.shape[axis] == 0:
+            raise InputError(
+                f"{origin}: the array for input '{spec.name}' contains no samples."
+            )
         if batch_size is not None and array.ndim > axis:
             if array.shape[axis] < batch_size:
                 raise InputError(

@@ -127,9 +127,11 @@ def median_latency_ms(
             seconds = _timed_run(session, feeds, run_options)
         except Exception as error:  # onnxruntime raises its own unexported types
             if run_options.terminate:
-                raise ScoreTimeout(f"latency runs timed out after {timeout:g} s.") from error
+                message = f"latency runs timed out after {timeout:g} s."
+                raise ScoreTimeout(message) from error
             first = (str(error).strip().splitlines() or [type(error).__name__])[0][:500]
-            raise RuntimeFailure(f"ONNX Runtime failed to run the model: {first}") from error
+            message = f"ONNX Runtime failed to run the model: {first}"
+            raise RuntimeFailure(message) from error
         finally:
             cancel()
         if index >= warmup:

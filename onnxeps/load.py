@@ -15,7 +15,7 @@ from onnx import external_data_helper
 from onnxeps.errors import ModelLoadError
 from onnxeps.graphs import iter_tensors
 
-__all__ = ["LoadedModel", "load_model", "PROTO_LIMIT_BYTES"]
+__all__ = ["LoadedModel", "load_model", "referenced_files", "PROTO_LIMIT_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,19 @@ def _load_path(path: Path, label: str) -> LoadedModel:
     sha = _hash_files([path, *externals])
     log.debug("loaded %s (%d external files, sha256 %s)", label, len(externals), sha)
     return LoadedModel(model, sha, label, path.parent, _checker_warnings(str(path)))
+
+
+def referenced_files(path: str | os.PathLike) -> list[Path]:
+    """Return the model file and the external-data files it references.
+
+    An unreadable model gives just its own path; loading it reports the error.
+    """
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # any parse failure: the caller reports it when scoring
+        return [path]
+    return [path, *(path.parent / loc for loc in _external_locations(model))]
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:

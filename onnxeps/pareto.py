@@ -25,7 +25,9 @@ def pareto_flags(points: list[tuple[float | None, float | None]]) -> list[bool]:
     Equal points are all on the front.
     """
     flags = [False] * len(points)
-    candidates = [i for i, (eps, cost) in enumerate(points) if _defined(eps) and _defined(cost)]
+    candidates = [
+        i for i, (eps, cost) in enumerate(points) if _defined(eps) and _defined(cost)
+    ]
     candidates.sort(key=lambda i: points[i][1])
     best_cheaper = -math.inf  # the highest epsilon among strictly cheaper points
     start = 0
@@ -74,6 +76,9 @@ def pareto_plot(records: list[dict], cost_column: str, path: str | os.PathLike) 
     axes.set_title(title)
     axes.legend()
     try:
-        atomic_write(path, lambda stream: figure.savefig(stream, format="png", bbox_inches="tight"))
+        atomic_write(
+            path,
+            lambda stream: figure.savefig(stream, format="png", bbox_inches="tight"),
+        )
     finally:
         plt.close(figure)

@@ -206,12 +206,14 @@ BIAS_ARITHMETIC = frozenset({"Add", "Sum"})
 LINEAR_PRODUCERS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"})
 
 # Operators that carry quantized (integer) weights; onnxeps does not score them.
-# QLinearAdd and QLinearMul are ONNX Runtime contrib operators (domain com.microsoft)
+# QLinearAdd, QLinearMul, MatMulNBits, GatherBlockQuantized, QGemm, QAttention and
+# DynamicQuantizeMatMul are ONNX Runtime contrib operators (domain com.microsoft)
 # that its quantizer emits; the planner matches these op types in any domain.
 QUANTIZED_OPS = frozenset(
     {
         "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
-        "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul",
+        "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul", "MatMulNBits",
+        "GatherBlockQuantized", "QGemm", "QAttention", "DynamicQuantizeMatMul",
     }
 )  # fmt: skip
 

@@ -24,6 +24,8 @@ _CUDA = "CUDAExecutionProvider"
 # Rewritten models above this size are handed to the runtime as files with external
 # data, because protobuf cannot serialise 2 GiB or more.
 _INLINE_LIMIT_BYTES = PROTO_LIMIT_BYTES - (64 << 20)
+# threading.Timer overflows on huge intervals; longer limits mean no limit.
+_MAX_TIMER_SECONDS = 7 * 24 * 3600.0
 
 
 def import_runtime():
@@ -36,6 +38,8 @@ def import_runtime():
             "Install one of the extras: pip install 'onnxeps[cpu]' (onnxruntime) or "
             "pip install 'onnxeps[gpu]' (onnxruntime-gpu), not both.",
         ) from error
+    # ONNX Runtime logs its own error lines before raising; onnxeps reports the error.
+    onnxruntime.set_default_logger_severity(3)
     return onnxruntime
 
 
@@ -107,8 +111,9 @@ class Session:
     def run(self, output: str, feeds: dict[str, np.ndarray], timeout: float | None):
         """Run once and return the named output; stop the run after ``timeout`` s."""
         run_options = self._ort.RunOptions()
+        run_options.log_severity_level = 3
         timer = None
-        if timeout is not None:
+        if timeout is not None and timeout < _MAX_TIMER_SECONDS:
             if timeout <= 0:
                 raise ScoreTimeout("scoring timed out before the run started.")
             timer = threading.Timer(timeout, _terminate, args=(run_options,))

@@ -158,7 +158,10 @@ class _Deadline:
             return None
         remaining = self.end - time.monotonic()
         if remaining <= 0:
-            raise ScoreTimeout(f"scoring timed out after {self.seconds:g} s ({stage}).")
+            raise ScoreTimeout(
+                f"scoring timed out after {self.seconds:g} s ({stage}).",
+                "Raise --timeout for large models or batches.",
+            )
         return remaining
 
 
@@ -260,7 +263,10 @@ def _run_both(template: _Template, s: ScoreSettings, deadline) -> tuple[list, st
         try:
             outputs.append(session.run(template.output, feeds, deadline.left("running")))
         except ScoreTimeout as error:
-            raise ScoreTimeout(f"scoring timed out after {s.timeout:g} s (running).") from error
+            raise ScoreTimeout(
+                f"scoring timed out after {deadline.seconds:g} s (running).",
+                "Raise --timeout for large models or batches.",
+            ) from error
     return outputs, provider
 
 
@@ -305,6 +311,8 @@ def score(
              seq_len=seq_len, strict=strict, collapse=collapse),
         preset,
     )  # fmt: skip
+    if timeout is not None and not timeout > 0:
+        raise InputError(f"invalid timeout {timeout!r}: give a positive number of seconds.")
     deadline = _Deadline(timeout)
     loaded = load_model(model)
     plan = build_plan(loaded.proto, s.recurrent_as_weight)

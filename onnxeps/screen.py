@@ -98,7 +98,9 @@ def file_bytes(loaded: LoadedModel) -> int:
 
 
 def _is_text(inputs) -> bool:
-    return isinstance(inputs, str | os.PathLike) and Path(inputs).suffix.lower() in TEXT_SUFFIXES
+    if not isinstance(inputs, str | os.PathLike):
+        return False
+    return Path(inputs).suffix.lower() in TEXT_SUFFIXES
 
 
 def _arrays(inputs) -> dict[str, np.ndarray]:
@@ -169,7 +171,9 @@ def macs_per_sample(
         batch = _batch_like_scoring(model, plan, inputs, synthetic, 1, seq_len, seed)
     except InputError:
         # User arrays for a fixed batch axis cannot be cut to one sample.
-        batch = _batch_like_scoring(model, plan, inputs, synthetic, scoring_batch, seq_len, seed)
+        batch = _batch_like_scoring(
+            model, plan, inputs, synthetic, scoring_batch, seq_len, seed
+        )
     shapes = _per_sample_shapes(model, batch, warnings)
     if shapes != _shapes(batch):
         model = _without_declared_shapes(model)
@@ -209,7 +213,10 @@ def _latencies(
     if crashers:
         warnings.append(f"latency not measured: {crashers[0]}")
         return None, None
-    source = loaded.label if loaded.base_dir is not None else loaded.proto.SerializeToString()
+    if loaded.base_dir is not None:
+        source = loaded.label
+    else:
+        source = loaded.proto.SerializeToString()
     try:
         session, _ = open_session(source, settings["device"])
         found = []
@@ -272,9 +279,10 @@ def screen_model(
         loaded.proto, plan, inputs, synthetic, result.batch_size, seq_len, seed, warnings
     )
     record["file_bytes"] = file_bytes(loaded)
-    batch1, batch = _latencies(loaded, plan, settings, result.batch_size, latency_runs, warnings)
-    record["latency_ms_batch1"] = batch1
-    record["latency_ms_batch"] = batch
+    latencies = _latencies(
+        loaded, plan, settings, result.batch_size, latency_runs, warnings
+    )
+    record["latency_ms_batch1"], record["latency_ms_batch"] = latencies
     record["pareto"] = False
     record["warnings"] = warnings
     return record
@@ -284,7 +292,8 @@ def mark_pareto(records: list[dict], cost_column: str) -> None:
     """Set each record's ``pareto`` for maximal epsilon and minimal ``cost_column``."""
     if cost_column not in COST_COLUMNS:
         raise ValueError(
-            f"unknown cost column {cost_column!r}; valid columns: {', '.join(COST_COLUMNS)}"
+            f"unknown cost column {cost_column!r}; valid columns: "
+            f"{', '.join(COST_COLUMNS)}"
         )
     points = [(record["epsilon"], record.get(cost_column)) for record in records]
     for record, flag in zip(records, pareto_flags(points)):

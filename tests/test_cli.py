@@ -276,7 +276,7 @@ def test_score_output_onto_model_usage_error(square):
     before = sha256_of(square)
     result = invoke("score", square, "-o", square, "--format", "json")
     assert result.exit_code == 2
-    assert "would overwrite an input model" in result.stderr
+    assert "would overwrite the input file" in result.stderr
     assert sha256_of(square) == before
 
 
@@ -491,4 +491,4 @@ def test_plan_unknown_format_usage_error(square):
 def test_plan_output_onto_model_usage_error(square):
     result = invoke("plan", square, "-o", square, "--format", "json")
     assert result.exit_code == 2
-    assert "would overwrite an input model" in result.stderr
+    assert "would overwrite the input file" in result.stderr

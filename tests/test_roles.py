@@ -60,7 +60,10 @@ _OP_SETS = {
 }
 _SET_CASES = [(label, op) for label, ops in _OP_SETS.items() for op in sorted(ops)]
 # ONNX Runtime contrib operators (domain com.microsoft), absent from onnx.defs.
-_CONTRIB_QUANTIZED_OPS = {"QLinearAdd", "QLinearMul"}
+_CONTRIB_QUANTIZED_OPS = {
+    "QLinearAdd", "QLinearMul", "MatMulNBits", "GatherBlockQuantized", "QGemm",
+    "QAttention", "DynamicQuantizeMatMul",
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(("op_type", "slot", "name"), _SLOT_CASES)
