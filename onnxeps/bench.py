@@ -62,15 +62,27 @@ class Space:
     image_input: bool
 
 
-def _float(row: dict, column: str) -> float | None:
+def _float(row: dict, column: str, line: int) -> float | None:
+    """Return the row's finite value in the column, None when empty.
+
+    ``line`` is the row's line number in the file, for messages.
+    """
     text = (row.get(column) or "").strip()
-    return float(text) if text else None
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"line {line}, column {column!r}: {text!r} is not a number") from None
+    if not np.isfinite(value):
+        raise ValueError(f"line {line}, column {column!r}: {text!r} is not finite")
+    return value
 
 
 def _read_nb201(rows: list[dict], column: str) -> list[Candidate]:
     found = []
-    for row in rows:
-        value = _float(row, column)
+    for line, row in enumerate(rows, start=2):
+        value = _float(row, column, line)
         if value is not None:
             found.append(Candidate(row["arch_str"], row["arch_str"], value))
     return found
@@ -79,8 +91,8 @@ def _read_nb201(rows: list[dict], column: str) -> list[Candidate]:
 def _read_nb101(rows: list[dict], column: str) -> list[Candidate]:
     """Aggregate records of the same pruned cell: mean of the metric."""
     groups: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for row in rows:
-        value = _float(row, column)
+    for line, row in enumerate(rows, start=2):
+        value = _float(row, column, line)
         if value is not None:
             key = (row["pruned_matrix"], row["pruned_ops"])
             groups[key].append(value)
@@ -96,8 +108,8 @@ def _read_nb101(rows: list[dict], column: str) -> list[Candidate]:
 
 def _read_nlp(rows: list[dict], column: str) -> list[Candidate]:
     found = []
-    for row in rows:
-        value = _float(row, column)
+    for line, row in enumerate(rows, start=2):
+        value = _float(row, column, line)
         if value is not None:
             found.append(Candidate(f"recipe {row['recipe_id']}", row["recipe"], value))
     return found
@@ -175,7 +187,10 @@ def _sample(candidates: list[Candidate], size: int | None, seed: int) -> list[Ca
 
 
 def _score_one(space: Space, candidate: Candidate, inputs, options: dict) -> dict:
-    model = space.build(candidate.encoding, options)
+    try:
+        model = space.build(candidate.encoding, options)
+    except ValueError as error:
+        raise InputError(f"invalid {space.name} encoding: {error}.") from error
     result: ScoreResult = score(model, inputs, preset=space.preset, **options)
     plan = build_plan(model)
     batch_one = {

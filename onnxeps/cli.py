@@ -119,6 +119,8 @@ def plan_command(model, preset, strict, fmt, output_path, verbose, quiet) -> Non
         sys.exit(1)
     records = [{"model": model, **entry.record()} for entry in result.entries]
     write_or_fail(render(records, fmt, PLAN_COLUMNS, PLAN_TABLE_COLUMNS), output_path)
+    if not records:
+        log.warning("%s: the model has no floating-point constants", model)
     for warning in result.warnings:
         log.warning("%s: %s", model, warning)
     if result.quantized:
@@ -187,6 +189,9 @@ def bench_command(space, truth, sample, sample_seed, input_path, synthetic, reco
         else render_markdown(result.summary)
     )
     write_or_fail(text, output_path)
+    if result.summary["failed"]:
+        log.error("%d architectures could not be scored", result.summary["failed"])
+        sys.exit(1)
 
 
 def _parse_sample(value: str) -> int | None:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from onnxeps.errors import InputError, PlanError, ScoreTimeout
+from onnxeps.errors import InputError, OnnxepsError, PlanError, ScoreTimeout
 from onnxeps.graphs import iter_graphs
 from onnxeps.corpus import TEXT_SUFFIXES
 from onnxeps.inputs import (
@@ -27,13 +27,13 @@ from onnxeps.metric import epsilon
 from onnxeps.passes.base import run_passes
 from onnxeps.passes.batchnorm import BatchNormToBatchStatistics
 from onnxeps.passes.collapse import CollapseChannels
-from onnxeps.passes.constants import ApplyConstants, fill_weights
+from onnxeps.passes.constants import ApplyConstants, fill_weights, weight_cast_warnings
 from onnxeps.passes.dropout import RemoveDropout
 from onnxeps.passes.graph_inputs import DetachInitializerInputs
 from onnxeps.passes.output import ExposeOutput, PruneUnused, scored_output_name
 from onnxeps.plan import Plan, build_plan
 from onnxeps.presets import PRESETS, Preset
-from onnxeps.roles import Action
+from onnxeps.roles import SLOT_ROLES, Action, Role
 from onnxeps.runtime import Session
 
 __all__ = ["ScoreResult", "ScoreSettings", "score", "validate_weights", "DEFAULT_WEIGHTS"]
@@ -165,7 +165,22 @@ class _Deadline:
         return remaining
 
 
-def _check_plan(plan: Plan, label: str, strict: bool) -> None:
+def _weights_from_inputs(model: onnx.ModelProto) -> list[str]:
+    """Describe weight slots that read graph inputs instead of constants."""
+    inputs = {value.name for value in model.graph.input}
+    weight_roles = (Role.WEIGHT, Role.RECURRENT_WEIGHT)
+    found = []
+    for node in model.graph.node:
+        for slot, rule in SLOT_ROLES.get(node.op_type, {}).items():
+            if rule.role in weight_roles and slot < len(node.input) and node.input[slot] in inputs:
+                found.append(
+                    f"{node.op_type} '{node.name or node.output[0]}' reads its "
+                    f"{rule.input_name} from graph input '{node.input[slot]}'"
+                )
+    return found
+
+
+def _check_plan(plan: Plan, label: str, strict: bool, model: onnx.ModelProto) -> None:
     if plan.quantized:
         shown = ", ".join(plan.quantized[:3])
         more = f" and {len(plan.quantized) - 3} more" if len(plan.quantized) > 3 else ""
@@ -181,11 +196,13 @@ def _check_plan(plan: Plan, label: str, strict: bool) -> None:
             "Run 'onnxeps plan' to see why, or drop --strict to keep them as they are.",
         )
     if not plan.with_action(Action.WEIGHT):
+        fed = _weights_from_inputs(model)
+        cause = f" ({'; '.join(fed[:3])})" if fed else ""
         raise PlanError(
-            f"{label}: the model has no weights to set to w, so epsilon cannot be "
-            "computed.",
-            "Check that the model has Conv, Gemm, MatMul or recurrent layers with "
-            "constant weights (run 'onnxeps plan').",
+            f"{label}: the model has no constant weights to set to w{cause}, so epsilon "
+            "cannot be computed.",
+            "Export the weights as initializers (run 'onnxeps plan' to see every "
+            "tensor's role).",
         )
 
 
@@ -304,25 +321,35 @@ def score(
     metric is undefined. Raises :class:`onnxeps.OnnxepsError` when the model cannot be
     scored at all.
     """
+    try:
+        return _score(model, inputs, timeout, preset, settings=dict(
+            weights=weights, synthetic=synthetic, batch_size=batch_size, seed=seed,
+            output_name=output_name, device=device, mean=mean, std=std,
+            seq_len=seq_len, strict=strict, collapse=collapse,
+        ))  # fmt: skip
+    except MemoryError as error:
+        raise OnnxepsError(
+            f"out of memory while scoring ({error}).",
+            "Lower --batch-size, or score on a machine with more memory.",
+        ) from error
+
+
+def _score(model, inputs, timeout, preset, settings: dict) -> ScoreResult:
     started = time.perf_counter()
-    s = _apply_preset(
-        dict(weights=weights, synthetic=synthetic, batch_size=batch_size, seed=seed,
-             output_name=output_name, device=device, mean=mean, std=std,
-             seq_len=seq_len, strict=strict, collapse=collapse),
-        preset,
-    )  # fmt: skip
+    s = _apply_preset(settings, preset)
     if timeout is not None and not timeout > 0:
         raise InputError(f"invalid timeout {timeout!r}: give a positive number of seconds.")
     deadline = _Deadline(timeout)
     loaded = load_model(model)
     plan = build_plan(loaded.proto, s.recurrent_as_weight)
-    _check_plan(plan, loaded.label, s.strict)
+    _check_plan(plan, loaded.label, s.strict, loaded.proto)
     rng = np.random.default_rng(s.seed)
     deadline.left("rewriting")
     template = _template(loaded, plan, s, inputs, rng)
     outputs, provider = _run_both(template, s, deadline)
     result = epsilon(outputs[0], outputs[1])
     batch, output = template.batch, template.output
+    batch.warnings.extend(weight_cast_warnings(template.model, template.weights, s.weights))
     if batch.batch_size < 3:
         batch.warnings.append(
             f"batch of {batch.batch_size} sample(s): each run's output is one value per "

@@ -23,7 +23,7 @@ from onnxeps.passes.base import NameScope
 from onnxeps.plan import Plan, PlanEntry
 from onnxeps.roles import Action
 
-__all__ = ["ApplyConstants", "fill_weights"]
+__all__ = ["ApplyConstants", "fill_weights", "weight_cast_warnings"]
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,36 @@ def fill_weights(
             if tensor.name not in wanted:
                 continue
             dtype = _np_dtype(tensor.data_type)
-            if tensor.name in multipliers:
-                values = (weight * multipliers[tensor.name]).astype(dtype)
-            else:
-                values = np.full(tuple(tensor.dims), weight, dtype=dtype)
+            # Overflow to inf in narrow types is reported by weight_cast_warnings.
+            with np.errstate(over="ignore"):
+                if tensor.name in multipliers:
+                    values = (weight * multipliers[tensor.name]).astype(dtype)
+                else:
+                    values = np.full(tuple(tensor.dims), weight, dtype=dtype)
             tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
     return model
+
+
+def weight_cast_warnings(
+    template: onnx.ModelProto, names: list[str], weights: tuple[float, ...]
+) -> list[str]:
+    """Warn when a weight value becomes inf or 0 in the type of some weight tensor."""
+    wanted = set(names)
+    types = {
+        tensor.data_type
+        for ref in iter_graphs(template)
+        for tensor in ref.graph.initializer
+        if tensor.name in wanted
+    }
+    warnings = []
+    for elem_type in sorted(types):
+        dtype = _np_dtype(elem_type)
+        for weight in weights:
+            with np.errstate(over="ignore", under="ignore"):
+                value = float(np.asarray(weight).astype(dtype))
+            if not np.isfinite(value) or (value == 0.0 and weight != 0.0):
+                warnings.append(
+                    f"weight {weight:g} is {value:g} in the {dtype.name} weight tensors, "
+                    "so that run does not use the requested weight"
+                )
+    return warnings
