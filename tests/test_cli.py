@@ -343,7 +343,7 @@ def test_score_missing_input_file(tmp_path, square):
 def test_score_nothing_to_rewrite(tmp_path):
     path = write_model(tmp_path, "relu.onnx", _RELU_ONLY, with_weight=False)
     result = invoke("score", path, "--batch-size", "8")
-    assert_one_error_line(result, path, "the model has no weights to set to w")
+    assert_one_error_line(result, path, "the model has no constant weights to set to w")
 
 
 def test_score_timeout_one_line(square):
