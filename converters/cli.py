@@ -2,7 +2,7 @@
 as ONNX files.
 
 Invalid encodings and files that cannot be read or written exit with status 1 and a
-one-line message; usage errors (a missing option) exit with status 2. The ``torch``
+one-line message. Usage errors (a missing option) exit with status 2. The ``torch``
 and ``keras`` subcommands live in :mod:`.framework_cli`.
 """
 

@@ -1,7 +1,7 @@
-"""The ``convert torch`` and ``convert keras`` commands: export framework models.
+"""The ``convert torch`` and ``convert keras`` commands, which export framework models.
 
 A missing framework, a module or file that cannot be loaded and a failed export exit
-with status 1 and one line; malformed options exit with status 2.
+with status 1 and one line. Malformed options exit with status 2.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _OUTPUT_OPTION = click.option(
 )
 _OPSET_OPTION = click.option(
     "--opset",
-    type=click.IntRange(min=7),
+    type=click.IntRange(min=7, max=onnx.defs.onnx_opset_version()),
     default=17,
     show_default=True,
     help="ONNX opset version of the exported model.",
@@ -59,7 +59,8 @@ def _parse_axes(ctx, param, value: str) -> dict[int, str]:
     axes: dict[int, str] = {}
     for pair in value.split(","):
         axis, separator, name = pair.partition("=")
-        if not separator or not axis.strip().isdigit() or not name.strip().isidentifier():
+        valid = axis.strip().isdigit() and name.strip().isidentifier()
+        if not separator or not valid:
             raise click.BadParameter(
                 f"{pair!r} is not AXIS=NAME with a non-negative integer axis and an "
                 "identifier name, e.g. 0=batch,1=seq"
@@ -133,8 +134,10 @@ def convert_torch(
         )
     except MissingExtraError as error:
         raise click.ClickException(str(error)) from None
-    except Exception as error:  # exporters raise many types; report one line
-        raise click.ClickException(f"export of {target} failed: {_one_line(error)}") from None
+    except Exception as error:  # exporters raise many types, reported as one line
+        raise click.ClickException(
+            f"export of {target} failed: {_one_line(error)}"
+        ) from None
     _write(model, output)
 
 
@@ -231,7 +234,7 @@ def convert_keras(
     """Convert a Keras model file (.keras, .h5) or a TensorFlow SavedModel folder.
 
     BatchNormalization layers of a Keras file stay BatchNormalization operators. A
-    SavedModel is converted as saved; when its normalisation was written with stored
+    SavedModel is converted as saved. When its normalisation was written with stored
     statistics, the model metadata records it as folded and a warning is printed.
     """
     if not source.exists():
@@ -240,7 +243,7 @@ def convert_keras(
         model = keras_export.convert_file(source, opset=opset, input_shape=input_shape)
     except MissingExtraError as error:
         raise click.ClickException(str(error)) from None
-    except Exception as error:  # loaders and tf2onnx raise many types; report one line
+    except Exception as error:  # loaders and tf2onnx raise many types
         raise click.ClickException(
             f"conversion of {str(source)!r} failed: {_one_line(error)}"
         ) from None

@@ -2,10 +2,10 @@
 
 The metric normalises with batch statistics, so each BatchNormalization layer must stay
 a BatchNormalization operator. The usual routes lose it (tf2onnx 1.17, TensorFlow
-2.21, Keras 3): ``tf2onnx.convert.from_keras`` fails on Keras 3, Keras 3 writes
-inference-mode BatchNormalization as Rsqrt/Mul/Add arithmetic that TensorFlow's
-grappler constant folding merges into the preceding convolution, and tf2onnx's own
-optimiser fuses a Conv followed by a BatchNormalization operator.
+2.21, Keras 3). ``tf2onnx.convert.from_keras`` fails on Keras 3. Keras 3 writes
+inference-mode BatchNormalization as Rsqrt/Mul/Add arithmetic, which TensorFlow's
+grappler constant folding merges into the preceding convolution. tf2onnx's own
+optimiser also fuses a Conv followed by a BatchNormalization operator.
 
 The route taken here keeps it:
 
@@ -67,14 +67,20 @@ from ._builder import (
 )
 from ._extras import MissingExtraError, import_extra
 
-__all__ = ["DEFAULT_OPSET", "KERAS_SUFFIXES", "export", "convert_file", "MissingExtraError"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "KERAS_SUFFIXES",
+    "export",
+    "convert_file",
+    "MissingExtraError",
+]
 
 log = logging.getLogger(__name__)
 
 CONVERTER_ID = "onnxeps.converters.keras_export 1"
 DEFAULT_OPSET = 17
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
-# tf2onnx optimiser passes left out: see the module docstring.
+# tf2onnx optimiser passes left out, for the reasons in the module docstring.
 _SKIPPED_OPTIMIZERS = ("remove_back_to_back", "merge_duplication")
 # Name of the unit scale given to a BatchNormalization layer built with scale=False.
 # Keras multiplies such a layer by nothing, so the tensor gets a "keep" role hint.
@@ -83,7 +89,8 @@ _FIXED_SCALE_NAME = "onnxeps_fixed_scale"
 
 def _frameworks():
     """Import and return (tensorflow, keras, tf2onnx)."""
-    # TensorFlow reads this when it is first imported; 2 hides its C++ info messages.
+    # TensorFlow reads this when it is first imported. Level 2 hides most C++ info and
+    # warning messages, though TensorFlow 2.21 still prints its oneDNN notice.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     tf = import_extra("tensorflow", "TensorFlow", "tensorflow")
     keras = import_extra("keras", "Keras", "tensorflow")
@@ -105,12 +112,13 @@ def export(
 ) -> onnx.ModelProto:
     """Convert a live Keras model to a checked ONNX model with BatchNormalization kept.
 
-    The inputs come from ``model.inputs`` unless ``input_shape`` (one-input models; the
-    first axis becomes the symbolic batch axis whatever its value) or
-    ``input_signature`` (a sequence of ``tf.TensorSpec``) is given. ``path``, if given,
-    receives the model atomically. The model is unchanged after the call. Raises
-    MissingExtraError without TensorFlow, TypeError for a non-Keras model, and
-    ValueError for missing or conflicting inputs or ops tf2onnx cannot convert.
+    The input shapes come from ``model.inputs``, unless ``input_shape`` or
+    ``input_signature`` (a sequence of ``tf.TensorSpec``) is given. ``input_shape``
+    applies to one-input models, and its first axis becomes the symbolic batch axis
+    whatever its value. ``path``, if given, receives the model atomically. The model
+    is unchanged after the call. Raises MissingExtraError without TensorFlow,
+    TypeError for a non-Keras model, and ValueError for missing or conflicting inputs
+    or ops tf2onnx cannot convert.
     """
     tf, keras, tf2onnx = _frameworks()
     if not isinstance(model, keras.layers.Layer):
@@ -126,13 +134,12 @@ def export(
     try:
         concrete = forward.get_concrete_function(*signature)
     finally:
-        for layer in patched:
-            object.__delattr__(layer, "call")
+        _restore_calls(patched)
     route = (
         "tf.function with training=False; BatchNormalization layers traced as "
         "FusedBatchNormV3(is_training=False)"
     )
-    proto = _convert_concrete(concrete, opset, route, None, tf, keras, tf2onnx)
+    proto = _convert_concrete(concrete, opset, route, None, (tf, keras, tf2onnx))
     if path is not None:
         save_model_atomic(proto, path)
     return proto
@@ -152,27 +159,31 @@ def convert_file(
     one), and ``input_shape`` then overrides the shape of its only input. Raises
     FileNotFoundError for a missing source and ValueError for another kind of file.
     """
-    tf, keras, tf2onnx = _frameworks()
+    frameworks = _frameworks()
+    keras = frameworks[1]
     source = Path(source)
     if source.is_dir():
-        return _convert_saved_model(source, path, opset, input_shape, tf, keras, tf2onnx)
+        return _convert_saved_model(source, path, opset, input_shape, frameworks)
     if not source.is_file():
         raise FileNotFoundError(f"Keras model {str(source)!r} not found")
     if source.suffix.lower() not in KERAS_SUFFIXES:
         raise ValueError(
-            f"{str(source)!r} is neither a Keras file ({', '.join(KERAS_SUFFIXES)}) nor "
-            "a SavedModel folder"
+            f"{str(source)!r} is neither a Keras file "
+            f"({', '.join(KERAS_SUFFIXES)}) nor a SavedModel folder"
         )
     model = keras.models.load_model(source, compile=False)
     return export(model, path, opset, input_shape=input_shape)
 
 
-def _convert_saved_model(source, path, opset, input_shape, tf, keras, tf2onnx):
+def _convert_saved_model(source, path, opset, input_shape, frameworks):
+    tf = frameworks[0]
     loaded = tf.saved_model.load(str(source))
     signatures = dict(loaded.signatures)
     if not signatures:
         raise ValueError(f"SavedModel {str(source)!r} has no signatures to convert")
-    key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
+    key = "serving_default"
+    if key not in signatures:
+        key = next(iter(signatures))
     concrete = signatures[key]
     shape_override = None
     if input_shape is not None:
@@ -182,9 +193,10 @@ def _convert_saved_model(source, path, opset, input_shape, tf, keras, tf2onnx):
                 f"input_shape applies to one-input models; signature {key!r} has "
                 f"{len(names)} inputs"
             )
-        shape_override = {names[0]: [-1, *(int(size) for size in input_shape[1:])]}
+        sizes = [int(size) for size in input_shape[1:]]
+        shape_override = {names[0]: [None, *sizes]}
     route = f"SavedModel signature {key!r} converted as saved"
-    proto = _convert_concrete(concrete, opset, route, shape_override, tf, keras, tf2onnx)
+    proto = _convert_concrete(concrete, opset, route, shape_override, frameworks)
     if path is not None:
         save_model_atomic(proto, path)
     return proto
@@ -202,8 +214,8 @@ def _signature(model, input_shape, input_signature, tf) -> tuple:
     if input_shape is not None:
         if len(inputs) > 1:
             raise ValueError(
-                f"input_shape applies to one-input models; this model has {len(inputs)} "
-                "inputs, so pass input_signature"
+                f"input_shape applies to one-input models; this model has "
+                f"{len(inputs)} inputs, so pass input_signature"
             )
         dtype = inputs[0].dtype if inputs else "float32"
         name = _spec_name(inputs[0].name, 0) if inputs else "input"
@@ -214,10 +226,11 @@ def _signature(model, input_shape, input_signature, tf) -> tuple:
             "the model has no symbolic inputs (a subclassed model?); pass input_shape "
             "or input_signature"
         )
-    return tuple(
-        tf.TensorSpec((None, *tensor.shape[1:]), tensor.dtype, name=_spec_name(tensor.name, i))
-        for i, tensor in enumerate(inputs)
-    )
+    specs = []
+    for index, tensor in enumerate(inputs):
+        name = _spec_name(tensor.name, index)
+        specs.append(tf.TensorSpec((None, *tensor.shape[1:]), tensor.dtype, name=name))
+    return tuple(specs)
 
 
 def _spec_name(name: str | None, index: int) -> str:
@@ -226,24 +239,33 @@ def _spec_name(name: str | None, index: int) -> str:
 
 
 def _all_layers(model) -> list:
-    # NOTE: Keras 3 has no public recursive layer listing; _flatten_layers exists from
-    # Keras 3.0 to at least 3.15.
+    # NOTE: Keras 3 has no public recursive layer listing, so this uses the private
+    # _flatten_layers of Keras 3.15, the version tested.
     return list(model._flatten_layers(include_self=True, recursive=True))
 
 
-def _patch_batch_norm(model, keras, tf) -> list:
+def _patch_batch_norm(model, keras, tf) -> list[tuple[Any, Any]]:
     """Make every BatchNormalization layer of ``model`` trace as FusedBatchNormV3.
 
+    Return (layer, the layer's own ``call`` attribute or None) for each patched layer.
     The bound method is set on the instance with object.__setattr__, which bypasses
-    Keras attribute tracking; deleting the attribute restores the class's ``call``.
+    Keras attribute tracking.
     """
     patched = []
     for layer in _all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
+            patched.append((layer, vars(layer).get("call")))
             call = types.MethodType(_batch_norm_call_factory(tf), layer)
             object.__setattr__(layer, "call", call)
-            patched.append(layer)
     return patched
+
+
+def _restore_calls(patched: list[tuple[Any, Any]]) -> None:
+    for layer, own_call in patched:
+        if own_call is None:
+            object.__delattr__(layer, "call")  # the class's call applies again
+        else:
+            object.__setattr__(layer, "call", own_call)
 
 
 def _batch_norm_call_factory(tf):
@@ -253,8 +275,8 @@ def _batch_norm_call_factory(tf):
         ``training`` and ``mask`` change only the training path of BatchNormalization,
         and the model is traced with training=False.
         """
-        x = tf.convert_to_tensor(inputs)
-        return tf.cast(_fused_batch_norm(layer, tf.cast(x, "float32"), tf), layer.compute_dtype)
+        x = tf.cast(tf.convert_to_tensor(inputs), "float32")
+        return tf.cast(_fused_batch_norm(layer, x, tf), layer.compute_dtype)
 
     return call
 
@@ -313,18 +335,21 @@ def _input_names(concrete, tf) -> list[str]:
     return [tensor.name for tensor in concrete.inputs if tensor.dtype != tf.resource]
 
 
-def _convert_concrete(concrete, opset, route, shape_override, tf, keras, tf2onnx):
+def _convert_concrete(concrete, opset, route, shape_override, frameworks):
     """Convert a traced function to a checked, annotated ONNX model."""
+    tf, keras, tf2onnx = frameworks
     input_names = _input_names(concrete, tf)
     output_names = [t.name for t in concrete.outputs if t.dtype != tf.resource]
     folded = _stored_statistics_nodes(concrete)
     if folded:
-        log.warning(
+        log.info(
             "normalisation with stored statistics is folded into the graph (%s); the "
-            "model metadata records it and onnxeps will warn when scoring",
+            "model metadata records it, so plans and scores warn",
             ", ".join(folded[:3]),
         )
-    renames = tf2onnx.convert.tensor_names_from_structed(concrete, input_names, output_names)
+    renames = tf2onnx.convert.tensor_names_from_structed(
+        concrete, input_names, output_names
+    )
     unnamed = [name for name in output_names if name not in renames]
     for index, name in enumerate(unnamed):
         renames[name] = "output" if len(unnamed) == 1 else f"output_{index}"
@@ -434,7 +459,9 @@ def _node_name(tensor: str) -> str:
 
 def _element_count(node) -> int | None:
     """Return the element count of the node's first output, or None if unknown."""
-    shapes = node.attr["_output_shapes"].list.shape if "_output_shapes" in node.attr else []
+    if "_output_shapes" not in node.attr:
+        return None
+    shapes = node.attr["_output_shapes"].list.shape
     if not shapes or shapes[0].unknown_rank:
         return None
     sizes = [dim.size for dim in shapes[0].dim]

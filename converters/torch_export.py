@@ -33,7 +33,7 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import onnx
@@ -98,51 +98,62 @@ def export(
     to ``input`` and ``output`` (``input_0``, ... when there are several). ``path``, if
     given, receives the model atomically. Raises MissingExtraError without PyTorch,
     TypeError for a module or input of the wrong type, ValueError for an invalid
-    ``exporter``, and the exporter's own error when the export fails.
+    ``exporter``, RuntimeError when both exporters fail (``exporter="auto"``), and the
+    exporter's own error when the one requested fails.
     """
     torch = import_extra("torch", "PyTorch", "torch")
     if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        raise TypeError(
+            f"module must be a torch.nn.Module, got {type(module).__name__}"
+        )
     if exporter not in EXPORTERS:
         raise ValueError(f"invalid exporter {exporter!r}; expected one of {EXPORTERS}")
     args = _as_tuple(example_input, torch)
     axes = dict(DEFAULT_DYNAMIC_AXES if dynamic_axes is None else dynamic_axes)
     copied = copy.deepcopy(module).eval()
-    output_ranks = _output_ranks(copied, args, torch)
+    output_ranks, batch_norm_calls = _probe(copied, args, torch)
     inputs = _names(input_names, len(args), "input")
     outputs = _names(output_names, len(output_ranks), "output")
     request = _ExportRequest(copied, args, opset, inputs, outputs, axes, output_ranks)
     model, used, fallback_reason = _run_exporter(request, exporter, torch)
-    _annotate(model, copied, request, used, fallback_reason, torch)
+    _annotate(model, copied, request, used, fallback_reason, batch_norm_calls, torch)
     onnx.checker.check_model(model)
     if path is not None:
         save_model_atomic(model, path)
     return model
 
 
+@dataclass
 class _ExportRequest:
     """The deep-copied module and the settings of one export."""
 
-    def __init__(self, module, args, opset, inputs, outputs, axes, output_ranks):
-        self.module = module
-        self.args = args
-        self.opset = opset
-        self.input_names = inputs
-        self.output_names = outputs
-        self.axes = axes
-        self.input_ranks = [arg.dim() for arg in args]
-        self.output_ranks = output_ranks
+    module: Any
+    args: tuple
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    axes: dict[int, str]
+    output_ranks: list[int]
+
+    @property
+    def input_ranks(self) -> list[int]:
+        return [arg.dim() for arg in self.args]
 
     def axes_for(self, rank: int) -> dict[int, str]:
+        """Return the dynamic axes that a tensor of this rank has."""
         return {axis: name for axis, name in self.axes.items() if axis < rank}
 
 
 def _as_tuple(example_input: Any, torch) -> tuple:
-    args = tuple(example_input) if isinstance(example_input, list | tuple) else (example_input,)
+    if isinstance(example_input, list | tuple):
+        args = tuple(example_input)
+    else:
+        args = (example_input,)
     for index, arg in enumerate(args):
         if not isinstance(arg, torch.Tensor):
             raise TypeError(
-                f"example_input[{index}] must be a torch.Tensor, got {type(arg).__name__}"
+                f"example_input[{index}] must be a torch.Tensor, got "
+                f"{type(arg).__name__}"
             )
     return args
 
@@ -155,17 +166,28 @@ def _flatten(value: Any) -> list:
     return [value]
 
 
-def _output_ranks(module, args: tuple, torch) -> list[int]:
-    """Run the copy once and return the rank of each output tensor, in export order."""
-    with torch.no_grad():
-        result = module(*args)
+def _probe(module, args: tuple, torch) -> tuple[list[int], int]:
+    """Run the copy once and return the rank of each output tensor, in export order,
+    and how many BatchNorm calls the forward pass made."""
+    calls = []
+    hooks = [
+        sub.register_forward_hook(lambda *_: calls.append(1))
+        for sub in module.modules()
+        if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+    try:
+        with torch.no_grad():
+            result = module(*args)
+    finally:
+        for hook in hooks:
+            hook.remove()
     tensors = [item for item in _flatten(result) if isinstance(item, torch.Tensor)]
     if not tensors:
         raise TypeError(
             f"{type(module).__name__}.forward returned no tensor, so there is nothing "
             "to export"
         )
-    return [tensor.dim() for tensor in tensors]
+    return [tensor.dim() for tensor in tensors], len(calls)
 
 
 def _names(given: Sequence[str] | None, count: int, stem: str) -> list[str]:
@@ -180,15 +202,18 @@ def _run_exporter(request: _ExportRequest, exporter: str, torch):
         return _export_dynamo(request, torch), "dynamo", None
     try:
         return _export_torchscript(request, torch), "torchscript", None
-    except Exception as error:  # the tracer raises many types; dynamo may still work
+    except Exception as error:  # the tracer raises many types, and dynamo may work
         if exporter == "torchscript":
             raise
-        reason = f"{type(error).__name__}: {error}"
+        lines = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
         log.warning("TorchScript export failed (%s); retrying with dynamo", reason)
     try:
         return _export_dynamo(request, torch), "dynamo", reason
-    except MissingExtraError:
-        raise
+    except MissingExtraError as error:
+        raise MissingExtraError(
+            f"TorchScript export failed ({reason}), and {error}"
+        ) from None
     except Exception as error:
         raise RuntimeError(
             f"both torch.onnx exporters failed: TorchScript with {reason}; dynamo with "
@@ -226,10 +251,11 @@ def _export_dynamo(request: _ExportRequest, torch) -> onnx.ModelProto:
     dims: dict[str, Any] = {}
     shapes = []
     for rank in request.input_ranks:
-        axes = request.axes_for(rank)
-        shapes.append(
-            {axis: dims.setdefault(name, torch.export.Dim(name)) for axis, name in axes.items()}
-        )
+        shape = {}
+        for axis, name in request.axes_for(rank).items():
+            # One Dim per name, so inputs that share an axis name share its size.
+            shape[axis] = dims.setdefault(name, torch.export.Dim(name))
+        shapes.append(shape)
     # The dynamo exporter prints its progress to stdout, where the CLI writes results.
     with contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(
@@ -246,7 +272,9 @@ def _export_dynamo(request: _ExportRequest, torch) -> onnx.ModelProto:
     return program.model_proto
 
 
-def _annotate(model, module, request, exporter: str, fallback_reason, torch) -> None:
+def _annotate(
+    model, module, request, exporter: str, fallback_reason, batch_norm_calls, torch
+) -> None:
     """Record the export in the metadata and mark exporter-made constants as keep."""
     settings = {
         "opset": request.opset,
@@ -255,7 +283,9 @@ def _annotate(model, module, request, exporter: str, fallback_reason, torch) -> 
     }
     if exporter == "torchscript":
         settings["do_constant_folding"] = False
-        description = f"torch.onnx.export (TorchScript, dynamo=False), torch {torch.__version__}"
+        description = (
+            f"torch.onnx.export (TorchScript, dynamo=False), torch {torch.__version__}"
+        )
     else:
         settings["optimize"] = False
         description = f"torch.onnx.export (dynamo=True), torch {torch.__version__}"
@@ -265,7 +295,7 @@ def _annotate(model, module, request, exporter: str, fallback_reason, torch) -> 
         CONVERTER_KEY: CONVERTER_ID,
         EXPORTER_KEY: description,
         EXPORT_SETTINGS_KEY: json.dumps(settings),
-        NORMALISATION_KEY: _normalisation_state(model, module, torch),
+        NORMALISATION_KEY: _normalisation_state(model, batch_norm_calls),
     }
     hints = _exporter_constant_hints(model, module)
     if hints:
@@ -273,16 +303,11 @@ def _annotate(model, module, request, exporter: str, fallback_reason, torch) -> 
     update_metadata(model, entries)
 
 
-def _normalisation_state(model: onnx.ModelProto, module, torch) -> str:
-    batch_norm_ops = sum(
-        1 for node in _all_nodes(model) if node.op_type == "BatchNormalization"
-    )
-    has_layers = any(
-        isinstance(sub, torch.nn.modules.batchnorm._BatchNorm) for sub in module.modules()
-    )
-    if batch_norm_ops:
+def _normalisation_state(model: onnx.ModelProto, batch_norm_calls: int) -> str:
+    """Return "kept", "folded" or "absent" for the metadata (see onnxeps.plan)."""
+    if any(node.op_type == "BatchNormalization" for node in _all_nodes(model)):
         return "kept"
-    return "folded" if has_layers else "absent"
+    return "folded" if batch_norm_calls else "absent"
 
 
 def _all_nodes(model: onnx.ModelProto):

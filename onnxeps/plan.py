@@ -49,10 +49,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ROLE_HINTS_KEY = "onnxeps.roles"
-# The torch and Keras converters record here what became of normalisation layers with
-# stored statistics: "kept" (each is a normalisation operator in the graph), "folded"
-# (at least one was folded into neighbouring operators at export) or "absent" (the
-# source model has none).
+# Metadata key where the torch and Keras converters record what became of the
+# normalisation layers with stored statistics. "kept": each is a normalisation operator
+# in the graph. "folded": at least one was folded into neighbouring operators at export.
+# "absent": the source model has none.
 NORMALISATION_KEY = "onnxeps.normalisation"
 FLOAT_TYPES = frozenset(
     {
@@ -362,22 +362,23 @@ def _model_warnings(model: onnx.ModelProto) -> list[str]:
 
 
 _FOLDED_EFFECT = (
-    "the score is then that of a network without normalisation, not the reference "
-    "semantics (batch statistics)"
+    "so the score is that of a network without normalisation, not the reference "
+    "semantics (batch statistics)."
 )
 _KEEP_NORMALISATION = (
-    "re-export with normalisation kept (onnxeps convert torch or onnxeps convert "
-    "keras; torch.onnx: do_constant_folding=False)"
+    "Re-export with normalisation kept: onnxeps convert torch, onnxeps convert keras, "
+    "or torch.onnx with do_constant_folding=False."
 )
 
 
 def _folded_normalisation_warning(model: onnx.ModelProto, ops: set[str]) -> str | None:
     """Return a warning when normalisation was, or may have been, folded at export.
 
-    The evidence, strongest first: the record of an onnxeps converter in the metadata,
-    the names tf2onnx gives the tensors of a Conv+BatchNormalization fusion, Conv
-    weights that torch.onnx computed at export, and last convolutions with biases in a
-    graph without normalisation operators, which plain CNNs also have.
+    The evidence is checked strongest first. An onnxeps converter's record in the
+    metadata comes first, then the names tf2onnx gives the tensors of a
+    Conv+BatchNormalization fusion, then Conv weights that torch.onnx computed at
+    export. Last come convolutions with biases in a graph without normalisation
+    operators, which plain CNNs also have.
     """
     recorded = next(
         (p.value for p in model.metadata_props if p.key == NORMALISATION_KEY), None
@@ -385,15 +386,15 @@ def _folded_normalisation_warning(model: onnx.ModelProto, ops: set[str]) -> str 
     if recorded == "folded":
         return (
             f"the converter recorded that normalisation was folded into neighbouring "
-            f"operators at export (metadata {NORMALISATION_KEY} = folded): "
-            f"{_FOLDED_EFFECT}; {_KEEP_NORMALISATION}"
+            f"operators at export (metadata {NORMALISATION_KEY} = folded), "
+            f"{_FOLDED_EFFECT} {_KEEP_NORMALISATION}"
         )
     fused = _tf2onnx_fused_tensors(model)
     if fused:
         more = f" and {len(fused) - 1} more" if len(fused) > 1 else ""
         return (
             f"tf2onnx folded BatchNormalization into a convolution (initializer "
-            f"'{fused[0]}'{more}): {_FOLDED_EFFECT}; {_KEEP_NORMALISATION}"
+            f"'{fused[0]}'{more}), {_FOLDED_EFFECT} {_KEEP_NORMALISATION}"
         )
     if ops & NORMALISATION_OPS or recorded == "absent":
         return None
@@ -402,21 +403,20 @@ def _folded_normalisation_warning(model: onnx.ModelProto, ops: set[str]) -> str 
         return None
     if model.producer_name == "pytorch":
         # With do_constant_folding=False, torch.onnx names weights after the module's
-        # parameters; a fold computes new tensors that it names "onnx::Conv_<n>".
+        # parameters. A fold computes new tensors, which it names "onnx::Conv_<n>".
         computed = [node for node in biased if node.input[1].startswith("onnx::")]
         if computed:
             node = computed[0]
             return (
                 f"Conv '{node.name or node.output[0]}' reads weights that torch.onnx "
                 f"computed at export ('{node.input[1]}'), as its constant folding does "
-                f"when it folds BatchNormalization into the convolution: "
-                f"{_FOLDED_EFFECT}; {_KEEP_NORMALISATION}"
+                f"when it folds BatchNormalization into the convolution, "
+                f"{_FOLDED_EFFECT} {_KEEP_NORMALISATION}"
             )
     return (
-        "convolutions carry biases and the model has no normalisation operators: "
-        "either the model never had normalisation, or BatchNormalization was folded "
-        f"into the convolutions at export; in the second case {_FOLDED_EFFECT}; "
-        f"{_KEEP_NORMALISATION}"
+        "convolutions carry biases and the model has no normalisation operators. "
+        "Either the model never had normalisation, or BatchNormalization was folded "
+        f"into the convolutions at export, {_FOLDED_EFFECT} {_KEEP_NORMALISATION}"
     )
 
 
