@@ -4,7 +4,7 @@ consumers. Names are assumed unique across the whole model, as ONNX requires."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import onnx
@@ -15,6 +15,7 @@ __all__ = [
     "iter_graphs",
     "iter_tensors",
     "consumer_map",
+    "uses_through",
     "main_opset",
     "model_input_names",
 ]
@@ -89,6 +90,23 @@ def consumer_map(model: onnx.ModelProto) -> dict[str, list[Use]]:
                 if name:
                     uses[name].append(Use(node, slot, ref.path))
     return uses
+
+
+def uses_through(
+    consumers: dict[str, list[Use]], name: str, pass_through: Collection[str]
+) -> Iterator[Use]:
+    """Yield every use of a tensor, following the data input (slot 0) of the
+    ``pass_through`` operators to their outputs' uses."""
+    pending, seen = [name], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for use in consumers.get(current, []):
+            yield use
+            if use.node.op_type in pass_through and use.slot == 0:
+                pending.extend(output for output in use.node.output if output)
 
 
 def main_opset(model: onnx.ModelProto) -> int:

@@ -19,7 +19,7 @@ import onnx
 from onnx import helper
 
 from onnxeps.errors import InputError
-from onnxeps.graphs import consumer_map
+from onnxeps.graphs import consumer_map, uses_through
 from onnxeps.infer import TensorType, infer_types
 from onnxeps.plan import Plan
 from onnxeps.roles import PASS_THROUGH, SLOT_ROLES, Role
@@ -169,22 +169,13 @@ def _vocabulary_size(spec: InputSpec, model, plan: Plan) -> int | None:
         if entry.role is Role.EMBEDDING
         for terminal in entry.uses
     }
-    consumers = consumer_map(model)
     types: dict[str, TensorType] | None = None
     sizes = []
-    pending, seen = [spec.name], set()
-    while pending:
-        name = pending.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for use in consumers.get(name, []):
-            node = use.node
-            if node.op_type == "Gather" and use.slot == 1 and node.output[0] in gathers:
-                types = infer_types(model) if types is None else types
-                sizes.append(_gathered_rows(node, gathers[node.output[0]].shape, types))
-            elif node.op_type in PASS_THROUGH and use.slot == 0:
-                pending.extend(node.output)
+    for use in uses_through(consumer_map(model), spec.name, PASS_THROUGH):
+        node = use.node
+        if node.op_type == "Gather" and use.slot == 1 and node.output[0] in gathers:
+            types = infer_types(model) if types is None else types
+            sizes.append(_gathered_rows(node, gathers[node.output[0]].shape, types))
     return min(sizes) if sizes else None
 
 
@@ -218,18 +209,10 @@ def _recurrent_state_inputs(model: onnx.ModelProto) -> set[str]:
     consumers = consumer_map(model)
     found = set()
     for spec in input_specs(model):
-        pending, seen = [spec.name], set()
-        while pending:
-            name = pending.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            for use in consumers.get(name, []):
-                rule = SLOT_ROLES.get(use.node.op_type, {}).get(use.slot)
-                if rule is not None and rule.role is Role.RECURRENT_STATE:
-                    found.add(spec.name)
-                elif use.node.op_type in PASS_THROUGH and use.slot == 0:
-                    pending.extend(use.node.output)
+        for use in uses_through(consumers, spec.name, PASS_THROUGH):
+            rule = SLOT_ROLES.get(use.node.op_type, {}).get(use.slot)
+            if rule is not None and rule.role is Role.RECURRENT_STATE:
+                found.add(spec.name)
     return found
 
 
