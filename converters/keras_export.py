@@ -275,6 +275,8 @@ def _batch_norm_call_factory(tf):
         ``training`` and ``mask`` change only the training path of BatchNormalization,
         and the model is traced with training=False.
         """
+        # NOTE: Keras computes masked batch statistics in training mode, but the ONNX
+        # batch-statistics rewrite averages over every position, masked ones too.
         x = tf.cast(tf.convert_to_tensor(inputs), "float32")
         return tf.cast(_fused_batch_norm(layer, x, tf), layer.compute_dtype)
 

@@ -325,6 +325,8 @@ def _exporter_constant_hints(model: onnx.ModelProto, module) -> dict[str, str]:
     counts as the module's when its name, or the name of an Identity alias of it, is a
     state_dict key, because TorchScript shares equal parameters through Identity.
     """
+    # NOTE: a registered buffer that a MatMul or Conv reads is owned, so it gets no
+    # hint and the plan sets it to w, while the native metric leaves buffers alone.
     owned = set(module.state_dict().keys())
     for node in _all_nodes(model):
         if node.op_type == "Identity" and node.output[0] in owned:

@@ -191,6 +191,9 @@ class _Tracer:
         passed = PASS_THROUGH.get(op, ())
         if op in PASS_THROUGH and (passed is None or slot in passed):
             return [output for output in node.output if output]
+        if _is_carried_state(node, slot):
+            # The body reads this value on the first iteration only, then its own output.
+            return TerminalUse(use, Role.RECURRENT_STATE, f"{op} loop-carried initial value")
         if op in SUBGRAPH_INPUT_OFFSET:
             inner = self.subgraph_inputs.get((id(node), slot))
             if inner is not None:
@@ -208,6 +211,38 @@ class _Tracer:
             if other is not None and other.op_type in LINEAR_PRODUCERS:
                 return TerminalUse(use, Role.BIAS, f"{op} after {other.op_type}")
         return TerminalUse(use, Role.UNKNOWN, f"non-scalar constant in {op}")
+
+
+def _is_carried_state(node: onnx.NodeProto, slot: int) -> bool:
+    """Whether a Loop or Scan input is the initial value of a state the body updates.
+
+    A carried value that the body returns unchanged (a loop invariant, as some
+    exporters pass weights) is not a state; the planner follows it into the body.
+    """
+    if node.domain not in _DEFAULT_DOMAINS:
+        return False
+    if node.op_type == "Loop" and slot >= 2:
+        # Body inputs are (iteration, condition, states...); outputs (condition, states...).
+        return not _body_returns_input(node, slot, slot - 1)
+    if node.op_type == "Scan":
+        scanned = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+        if slot < len(node.input) - scanned:
+            return not _body_returns_input(node, slot, slot)
+    return False
+
+
+def _body_returns_input(node: onnx.NodeProto, in_index: int, out_index: int) -> bool:
+    body = next((a.g for a in node.attribute if a.name == "body"), None)
+    if body is None or in_index >= len(body.input) or out_index >= len(body.output):
+        return False
+    producers = {output: n for n in body.node for output in n.output}
+    name = body.output[out_index].name
+    while name != body.input[in_index].name:
+        producer = producers.get(name)
+        if producer is None or producer.op_type != "Identity":
+            return False
+        name = producer.input[0]
+    return True
 
 
 def _subgraph_inputs(model: onnx.ModelProto) -> dict[tuple[int, int], str]:

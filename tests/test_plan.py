@@ -731,3 +731,26 @@ def test_plan_does_not_modify_model():
     before = model.SerializeToString()
     build_plan(model)
     assert model.SerializeToString() == before
+
+
+def test_plan_loop_updated_state_kept():
+    # The body updates h from its initial value h0, so h0 is a recurrent state, not a
+    # MatMul weight, although the body multiplies it (as Keras GRU exports do).
+    text = """
+    g (float[2,3] x) => (float[2,3] y) {
+      trips = Constant <value = int64 {2}> ()
+      go = Constant <value = bool {1}> ()
+      y = Loop (trips, go, h0) <
+        body = body_graph (int64 i, bool c_in, float[2,3] h)
+            => (bool c_out, float[2,3] h_out) {
+          c_out = Identity (c_in)
+          h_out = MatMul (h, w)
+        }
+      >
+    }
+    """
+    plan = build_plan(make_model(text, w=ones(3, 3), h0=ones(2, 3)))
+    assert roles_of(plan, "h0") == {Role.RECURRENT_STATE: Action.KEEP}
+    assert roles_of(plan, "w") == {Role.WEIGHT: Action.WEIGHT}
+    nlp = build_plan(make_model(text, w=ones(3, 3), h0=ones(2, 3)), recurrent_as_weight=True)
+    assert roles_of(nlp, "h0") == {Role.RECURRENT_STATE: Action.WEIGHT}
