@@ -23,7 +23,6 @@ import onnx
 
 from onnxeps.cost import model_costs
 from onnxeps.errors import InputError, OnnxepsError
-from onnxeps.inputs import read_array_file
 from onnxeps.plan import build_plan
 from onnxeps.score import DEFAULT_SEQ_LEN, ScoreResult, score
 from onnxeps.stats import NAN_POLICIES, rank_statistics
@@ -203,13 +202,6 @@ def _score_one(space: Space, candidate: Candidate, inputs, options: dict) -> dic
     return record | {"truth": candidate.truth, "params": costs.params, "macs": costs.macs}
 
 
-def _load_inputs(inputs: Path | None):
-    """Read an array file once; text corpora stay paths (read per model)."""
-    if inputs is None or inputs.suffix.lower() in (".zip", ".txt"):
-        return inputs
-    return read_array_file(inputs)
-
-
 _PARAMETER_FREE_OPS = ("skip_connect", "avg_pool_3x3")
 
 
@@ -281,13 +273,12 @@ def run_bench(
     space = SPACES[space_name]
     column = metric_column or space.metric_column
     candidates = _sample(read_candidates(space, truth, column), sample, sample_seed)
-    batch = _load_inputs(inputs)
     started = time.perf_counter()
     result = BenchResult()
     for done, candidate in enumerate(candidates, start=1):
         log.info("[%d/%d] %s", done, len(candidates), candidate.label)
         try:
-            result.records.append(_score_one(space, candidate, batch, options))
+            result.records.append(_score_one(space, candidate, inputs, options))
         except OnnxepsError as error:
             log.error("%s: %s", candidate.label, error)
         if progress is not None:
