@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxeps.graphs import iter_graphs
+from onnxeps.graphs import iter_graphs, node_label
 from onnxeps.infer import TensorType, infer_types, skeleton
 from onnxeps.plan import Plan
 from onnxeps.roles import Role
@@ -145,7 +145,7 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]])
                 continue
             found = rule(node, shapes)
             if found is None:
-                uncounted.append(f"{node.op_type} '{node.name or node.output[0]}'")
+                uncounted.append(f"{node.op_type} '{node_label(node)}'")
             else:
                 total += found
     if uncounted:

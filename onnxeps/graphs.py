@@ -17,6 +17,7 @@ __all__ = [
     "consumer_map",
     "uses_through",
     "main_opset",
+    "node_label",
     "model_input_names",
 ]
 
@@ -107,6 +108,11 @@ def uses_through(
             yield use
             if use.node.op_type in pass_through and use.slot == 0:
                 pending.extend(output for output in use.node.output if output)
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """Return the node's name, else its first output, else its op type (for messages)."""
+    return node.name or next((name for name in node.output if name), node.op_type)
 
 
 def main_opset(model: onnx.ModelProto) -> int:

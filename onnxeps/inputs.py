@@ -83,6 +83,11 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
                 f"model input '{value.name}' is not a tensor; onnxeps feeds tensors only."
             )
         tensor_type = value.type.tensor_type
+        if tensor_type.elem_type == onnx.TensorProto.UNDEFINED:
+            raise InputError(
+                f"model input '{value.name}' declares no element type.",
+                "Re-export the model with typed inputs.",
+            )
         shape = None
         if tensor_type.HasField("shape"):
             shape = tuple(_dim(d) for d in tensor_type.shape.dim)

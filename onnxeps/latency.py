@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from onnxeps.errors import RuntimeFailure, ScoreTimeout
-from onnxeps.graphs import iter_graphs
+from onnxeps.graphs import iter_graphs, node_label
 from onnxeps.runtime import import_runtime, providers_for
 
 __all__ = ["WARMUP_RUNS", "find_runtime_crashers", "open_session", "median_latency_ms"]
@@ -47,7 +47,7 @@ def find_runtime_crashers(model: onnx.ModelProto) -> list[str]:
         for node in ref.graph.node:
             if _training_bn_with_empty_outputs(node):
                 found.append(
-                    f"BatchNormalization '{node.name or node.output[0]}' has "
+                    f"BatchNormalization '{node_label(node)}' has "
                     "training_mode=1 with an empty optional output, which crashes ONNX "
                     "Runtime 1.31-1.32 (segmentation fault)"
                 )

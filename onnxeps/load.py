@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from onnxeps.errors import ModelLoadError
-from onnxeps.graphs import iter_tensors
+from onnxeps.graphs import iter_graphs, iter_tensors
 
 __all__ = ["LoadedModel", "load_model", "referenced_files", "PROTO_LIMIT_BYTES"]
 
@@ -105,6 +105,22 @@ def _checker_warnings(model: str | onnx.ModelProto) -> list[str]:
     return []
 
 
+def _check_names(model: onnx.ModelProto, label: str) -> None:
+    """Reject a model whose names are not valid UTF-8 (protobuf decodes them lazily)."""
+    try:
+        for ref in iter_graphs(model):
+            graph = ref.graph
+            for value in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+                _ = value.name
+            for node in graph.node:
+                _ = (node.name, node.op_type, node.domain, list(node.input), list(node.output))
+    except UnicodeDecodeError as error:
+        raise ModelLoadError(
+            f"{label}: not a valid ONNX model (a name is not valid UTF-8: {error}).",
+            "Check that the file is a complete, uncorrupted .onnx export.",
+        ) from error
+
+
 def _load_path(path: Path, label: str) -> LoadedModel:
     """Load a model file; ``label`` is the path as the caller wrote it."""
     if not path.exists():
@@ -112,6 +128,7 @@ def _load_path(path: Path, label: str) -> LoadedModel:
     if not path.is_file():
         raise ModelLoadError(f"{label}: not a file.")
     model = _parse(path, label)
+    _check_names(model, label)
     locations = _external_locations(model)
     externals = [_resolve_external(path, loc, label) for loc in locations]
     sha = _hash_files([path, *externals])
@@ -142,6 +159,7 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+        _check_names(copy, copy.graph.name or "<in-memory model>")
         try:
             data = copy.SerializeToString()
         except ValueError as error:

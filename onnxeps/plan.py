@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxeps.graphs import Use, consumer_map, iter_graphs
+from onnxeps.graphs import Use, consumer_map, iter_graphs, node_label
 from onnxeps.roles import (
     ARITHMETIC,
     BIAS_ARITHMETIC,
@@ -75,7 +75,7 @@ class TerminalUse:
 
     def describe(self) -> str:
         node = self.use.node
-        return f"{node.op_type} '{node.name or node.output[0]}' input {self.use.slot}"
+        return f"{node.op_type} '{node_label(node)}' input {self.use.slot}"
 
 
 @dataclass
@@ -313,7 +313,7 @@ def _collect_constants(model: onnx.ModelProto) -> tuple[dict[str, _Constant], se
             every.update(node.output)
             found = _constant_node_tensor(node)
             if found is not None:
-                source = f"Constant node '{node.name or node.output[0]}'"
+                source = f"Constant node '{node_label(node)}'"
                 floats[node.output[0]] = _Constant(
                     node.output[0], ref.path, source, found[0], found[1]
                 )
@@ -372,7 +372,7 @@ def _quantized_weights(model: onnx.ModelProto, constants: set[str]) -> list[str]
     found = []
     for ref in iter_graphs(model):
         for node in ref.graph.node:
-            label = f"{node.op_type} '{node.name or node.output[0]}'"
+            label = f"{node.op_type} '{node_label(node)}'"
             if node.op_type in QUANTIZED_OPS:
                 found.append(label)
             elif node.op_type == "DequantizeLinear" and node.input[0] in constants:
@@ -443,7 +443,7 @@ def _folded_normalisation_warning(model: onnx.ModelProto, ops: set[str]) -> str 
         if computed:
             node = computed[0]
             return (
-                f"Conv '{node.name or node.output[0]}' reads weights that torch.onnx "
+                f"Conv '{node_label(node)}' reads weights that torch.onnx "
                 f"computed at export ('{node.input[1]}'), as its constant folding does "
                 f"when it folds BatchNormalization into the convolution, "
                 f"{_FOLDED_EFFECT} {_KEEP_NORMALISATION}"

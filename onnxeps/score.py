@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from onnxeps.errors import InputError, OnnxepsError, PlanError, ScoreTimeout
-from onnxeps.graphs import iter_graphs
 from onnxeps.corpus import TEXT_SUFFIXES
+from onnxeps.errors import InputError, OnnxepsError, PlanError, ScoreTimeout
+from onnxeps.graphs import iter_graphs, node_label
 from onnxeps.inputs import (
     Batch,
     batch_from_arrays,
@@ -174,7 +174,7 @@ def _weights_from_inputs(model: onnx.ModelProto) -> list[str]:
         for slot, rule in SLOT_ROLES.get(node.op_type, {}).items():
             if rule.role in weight_roles and slot < len(node.input) and node.input[slot] in inputs:
                 found.append(
-                    f"{node.op_type} '{node.name or node.output[0]}' reads its "
+                    f"{node.op_type} '{node_label(node)}' reads its "
                     f"{rule.input_name} from graph input '{node.input[slot]}'"
                 )
     return found

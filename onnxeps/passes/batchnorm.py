@@ -12,7 +12,7 @@ import onnx
 from onnx import helper
 
 from onnxeps.errors import RewriteError
-from onnxeps.graphs import consumer_map, iter_graphs, main_opset
+from onnxeps.graphs import consumer_map, iter_graphs, main_opset, node_label
 from onnxeps.infer import TensorType, infer_types
 from onnxeps.passes.base import NameScope
 
@@ -29,7 +29,7 @@ class _Emitter:
         self.node = node
         self.names = names
         self.opset = opset
-        self.prefix = node.name or node.output[0]
+        self.prefix = node_label(node)
         self.nodes: list[onnx.NodeProto] = []
 
     def op(self, op_type: str, inputs: list[str], output: str = "", **attrs) -> str:
@@ -107,7 +107,7 @@ def _check_outputs(node: onnx.NodeProto, consumers, graph_outputs: set[str]) -> 
     for name in node.output[1:]:
         if name and (consumers.get(name) or name in graph_outputs):
             raise RewriteError(
-                f"BatchNormalization '{node.name or node.output[0]}' has its running "
+                f"BatchNormalization '{node_label(node)}' has its running "
                 f"statistics output '{name}' read by the graph; onnxeps cannot rewrite it "
                 "to batch statistics.",
                 "Export the model in inference mode (training_mode 0).",

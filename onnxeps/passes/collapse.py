@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxeps.graphs import node_label
 from onnxeps.infer import TensorType, infer_types
 from onnxeps.passes.base import NameScope
 
@@ -65,7 +66,7 @@ def _set_int_attribute(node: onnx.NodeProto, name: str, value: int) -> None:
 
 
 def _label(node: onnx.NodeProto) -> str:
-    return f"{node.op_type} '{node.name or node.output[0]}'"
+    return f"{node.op_type} '{node_label(node)}'"
 
 
 class _Narrowing:
@@ -362,6 +363,10 @@ def narrow_model(
             raise NotCovered(f"operator {node.op_type} is not covered")
         nar.structures[node.output[0]] = rule(nar, node)
     _restore_output(nar, output)
+    # Other outputs are narrow now, so their declared shapes no longer hold.
+    kept = [value for value in copy.graph.output if value.name == output]
+    del copy.graph.output[:]
+    copy.graph.output.extend(kept)
     del copy.graph.value_info[:]
     inputs = {value.name for value in copy.graph.input}
     inner = [s for name, s in nar.structures.items() if name not in inputs]

@@ -6,7 +6,7 @@ import onnx
 from onnx import helper
 
 from onnxeps.errors import RewriteError
-from onnxeps.graphs import consumer_map, iter_graphs, main_opset
+from onnxeps.graphs import consumer_map, iter_graphs, main_opset, node_label
 from onnxeps.passes.base import NameScope
 
 __all__ = ["RemoveDropout"]
@@ -49,7 +49,7 @@ class RemoveDropout:
 def _replacement(
     node, consumers, graph_outputs, names, opset
 ) -> list[onnx.NodeProto]:
-    label = node.name or node.output[0]
+    label = node_label(node)
     nodes = [helper.make_node("Identity", [node.input[0]], [node.output[0]], name=label)]
     mask = node.output[1] if len(node.output) > 1 else ""
     if mask and (consumers.get(mask) or mask in graph_outputs):
