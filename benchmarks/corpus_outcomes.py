@@ -1,7 +1,7 @@
 """Print the outcome of ``onnxeps score`` on every file of the ONNX corpus as Markdown.
 
-Each file is scored scored (defined epsilon), undefined (exit 0, null epsilon) or
-rejected (exit 1), grouped by what the file is and by the cause of each rejection.
+Each file is scored (defined epsilon), undefined (exit 0, null epsilon) or rejected
+(exit 1), grouped by what the file is and by the cause of each rejection.
 The tables of docs/robustness.md come from this script.
 
 Usage:
@@ -49,7 +49,8 @@ OTHER_GROUP = "other (single operators, hand-built graphs)"
 
 # Rejection causes, matched in this order against the one error line.
 CAUSES = [
-    ("internal error (a defect)", r"internal error"),
+    # run_passes words an unexpected exception inside a pass as "rewrite pass X failed".
+    ("internal error (a defect)", r"internal error|rewrite pass .* failed"),
     ("timed out", r"timed out"),
     ("not a valid ONNX file", r"not a valid ONNX model|file not found|not a file"),
     ("missing external data", r"external data"),
@@ -57,7 +58,7 @@ CAUSES = [
     ("no constant weights", r"no constant weights"),
     ("cannot synthesise an integer input", r"cannot synthesise integer input"),
     ("no synthetic batch for the input", r"no synthetic batch"),
-    ("rewrite not possible (old opset, unknown types)", r"cannot be rewritten|rewrite pass"),
+    ("rewrite not possible (old opset, unknown types)", r"cannot be rewritten"),
     ("ONNX Runtime cannot build a session", r"could not build a session"),
     ("ONNX Runtime run failed", r"failed to run the model"),
     ("out of memory", r"out of memory"),
@@ -83,7 +84,7 @@ def read_manifest(corpus: Path) -> list[dict[str, str]]:
 
 
 def run_file(corpus: Path, path: str) -> dict:
-    """Score one file in a subprocess; return the fields the test module writes."""
+    """Score one file in a subprocess and return the fields the test module writes."""
     command = [*onnxeps_command(), "score", str(corpus / path), *SCORE_OPTIONS]
     started = time.monotonic()
     try:
@@ -110,8 +111,8 @@ def read_outcomes(path: Path) -> list[dict]:
 
 def group_of(row: dict[str, str]) -> str:
     tags = set(row["categories"].split(";"))
-    for name, wanted in GROUPS:
-        if tags & wanted:
+    for name, group_tags in GROUPS:
+        if tags & group_tags:
             return name
     return OTHER_GROUP
 
@@ -149,7 +150,9 @@ def extra_stderr_lines(run: dict) -> int:
     return max(0, len([line for line in run["stderr"].splitlines() if line.strip()]) - 1)
 
 
-def markdown(rows: list[dict[str, str]], runs: list[dict], command: str) -> str:
+def markdown(
+    rows: list[dict[str, str]], runs: list[dict], command: str, per_file: bool
+) -> str:
     by_path = {run["path"]: run for run in runs}
     outcomes = {row["path"]: classify(by_path[row["path"]]) for row in rows}
     lines = [
@@ -162,6 +165,8 @@ def markdown(rows: list[dict[str, str]], runs: list[dict], command: str) -> str:
     lines += _tag_table(rows, outcomes)
     lines += _cause_table(rows, outcomes, by_path)
     lines += _undefined_table(outcomes)
+    if per_file:
+        lines += _file_table(rows, outcomes)
     return "\n".join(lines) + "\n"
 
 
@@ -245,11 +250,20 @@ def _undefined_table(outcomes) -> list[str]:
     return lines + [""]
 
 
+def _file_table(rows, outcomes) -> list[str]:
+    lines = ["### Every file", "", "| file | kind | outcome | cause or reason |", "|---|---|---|---|"]
+    for row in rows:
+        outcome, detail = outcomes[row["path"]]
+        lines.append(f"| `{row['path']}` | {group_of(row)} | {outcome} | {detail} |")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=default_corpus(), help="Corpus folder (with MANIFEST.csv).")
     parser.add_argument("--outcomes", type=Path, help="JSON Lines file written by tests/test_corpus_files.py.")
     parser.add_argument("--jobs", type=int, default=2, help="Files scored at a time when running the corpus.")
+    parser.add_argument("--per-file", action="store_true", help="Also print one row per file.")
     args = parser.parse_args()
     rows = read_manifest(args.corpus)
     runs = read_outcomes(args.outcomes) if args.outcomes else run_corpus(args.corpus, rows, args.jobs)
@@ -257,7 +271,7 @@ def main() -> None:
     if missing:
         sys.exit(f"error: no run for {len(missing)} corpus files, e.g. {sorted(missing)[0]}")
     command = "onnxeps score FILE " + " ".join(SCORE_OPTIONS)
-    sys.stdout.write(markdown(rows, runs, command))
+    sys.stdout.write(markdown(rows, runs, command, args.per_file))
 
 
 if __name__ == "__main__":
