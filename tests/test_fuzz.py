@@ -583,6 +583,23 @@ def score_or_error(model: onnx.ModelProto, collapse: bool):
         return error
 
 
+def agree(a: float, b: float) -> bool:
+    return abs(a - b) <= EPSILON_RTOL * abs(b) + EPSILON_ATOL
+
+
+def rounding_noise(model: onnx.ModelProto, full: onnxeps.ScoreResult) -> bool:
+    """Return True when moving w1 by 1 % changes the full graph's epsilon.
+
+    A small change of a small w1 should barely move epsilon. When it does, the first
+    run's output varies only at float32 rounding level, and epsilon is noise.
+    """
+    for w1 in (0.99e-7, 1.01e-7):
+        nearby = onnxeps.score(model, batch_size=4, timeout=20, collapse=False, weights=(w1, 1.0))
+        if nearby.epsilon is None or not agree(nearby.epsilon, full.epsilon):
+            return True
+    return False
+
+
 @settings(max_examples=SCORE_RANDOM_CASES, **FUZZ_SETTINGS)
 @given(model=random_models())
 def test_score_random_graph_collapse_agrees(model):
@@ -598,9 +615,13 @@ def test_score_random_graph_collapse_agrees(model):
         f"collapsed: {collapsed.epsilon} ({collapsed.reason}); "
         f"full: {full.epsilon} ({full.reason})"
     )
-    if full.epsilon is not None:
-        bound = EPSILON_RTOL * abs(full.epsilon) + EPSILON_ATOL
-        assert abs(collapsed.epsilon - full.epsilon) <= bound
+    if full.epsilon is None or agree(collapsed.epsilon, full.epsilon):
+        return
+    # NOTE: skips the known defect of test_score_rounding_noise_collapse_agrees.
+    assume(not rounding_noise(model, full))
+    assert agree(collapsed.epsilon, full.epsilon), (
+        f"collapsed: {collapsed.epsilon}; full: {full.epsilon}"
+    )
 
 
 # Defects the properties found, each as its smallest reproduction
@@ -726,3 +747,28 @@ def test_collapse_extra_output_passes_checker():
     constants(model)
     CollapseChannels(constants.weight_tensors, "y")(model)
     onnx.checker.check_model(model, full_check=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="epsilon is reported as defined when the w1 = 1e-7 run's output varies only at "
+    "float32 rounding level: it jumps between 0.13, 0.21 and 0.39 for w1 within 1 % of "
+    "1e-7, and the collapsed graph (0.389) and the full graph (0.210) disagree",
+)
+def test_score_rounding_noise_collapse_agrees():
+    """Gemm, Sigmoid and MatMul on 4 samples, found by test_score_random_graph_collapse_agrees."""
+    first = [[0.27392337, -0.46042657, -0.918053], [-0.96694475, 0.6265405, 0.82551116],
+             [0.21327156, 0.4589931, 0.08724998], [0.87014484, 0.63170713, -0.994523],
+             [0.7148085, -0.93282884, 0.4593109]]  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W1"], ["g"]), helper.make_node("Sigmoid", ["g"], ["s"]),
+         helper.make_node("MatMul", ["s", "W2"], ["y"])],
+        "g", [vi("x", TensorProto.FLOAT, ["N", 5])], [vi("y", TensorProto.FLOAT, ["N", 1])],
+        [floats(first, "W1"), floats([[-0.64868873], [0.7263578], [0.082922444]], "W2")],
+    )  # fmt: skip
+    model = make_model(graph, opset=11)
+    collapsed = onnxeps.score(model, batch_size=4, collapse=True)
+    full = onnxeps.score(model, batch_size=4, collapse=False)
+    assert (collapsed.epsilon is None) == (full.epsilon is None)
+    if full.epsilon is not None:
+        assert agree(collapsed.epsilon, full.epsilon)
