@@ -114,7 +114,7 @@ def plan_command(model, preset, strict, fmt, output_path, verbose, quiet) -> Non
     recurrent = preset is not None and PRESETS[preset].recurrent_as_weight
     try:
         result = build(model, recurrent_as_weight=recurrent)
-    except OnnxepsError as error:
+    except Exception as error:  # report_error turns any failure into one line
         report_error(model, error)
         sys.exit(1)
     records = [{"model": model, **entry.record()} for entry in result.entries]

@@ -38,6 +38,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SYNTHETIC_KINDS = ("grey", "normal", "uniform", "tokens")
+# ONNX element types with a numpy equivalent (UNDEFINED, STRING and unknown ones lack it).
+_NUMPY_TYPES = frozenset(helper.get_all_tensor_dtypes()) - {
+    onnx.TensorProto.UNDEFINED,
+    onnx.TensorProto.STRING,
+}
 _BATCH_WORDS = ("batch", "n")
 _SEQUENCE_WORDS = ("seq", "time", "len", "step", "token", "word", "sentence")
 
@@ -83,10 +88,11 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
                 f"model input '{value.name}' is not a tensor; onnxeps feeds tensors only."
             )
         tensor_type = value.type.tensor_type
-        if tensor_type.elem_type == onnx.TensorProto.UNDEFINED:
+        if tensor_type.elem_type not in _NUMPY_TYPES:
             raise InputError(
-                f"model input '{value.name}' declares no element type.",
-                "Re-export the model with typed inputs.",
+                f"model input '{value.name}' has element type {tensor_type.elem_type}, "
+                "which onnxeps cannot feed.",
+                "Re-export the model with numeric, typed inputs.",
             )
         shape = None
         if tensor_type.HasField("shape"):

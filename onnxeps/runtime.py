@@ -38,8 +38,9 @@ def import_runtime():
             "Install one of the extras: pip install 'onnxeps[cpu]' (onnxruntime) or "
             "pip install 'onnxeps[gpu]' (onnxruntime-gpu), not both.",
         ) from error
-    # ONNX Runtime logs its own error lines before raising; onnxeps reports the error.
-    onnxruntime.set_default_logger_severity(3)
+    # ONNX Runtime logs its own error lines before raising; onnxeps reports the error,
+    # so only fatal messages (severity 4) are left to the runtime.
+    onnxruntime.set_default_logger_severity(4)
     return onnxruntime
 
 
@@ -65,7 +66,7 @@ def providers_for(device: str) -> list[str]:
 
 def _session_options(ort) -> Any:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     return options
 
 
@@ -111,7 +112,7 @@ class Session:
     def run(self, output: str, feeds: dict[str, np.ndarray], timeout: float | None):
         """Run once and return the named output; stop the run after ``timeout`` s."""
         run_options = self._ort.RunOptions()
-        run_options.log_severity_level = 3
+        run_options.log_severity_level = 4
         timer = None
         if timeout is not None and timeout < _MAX_TIMER_SECONDS:
             if timeout <= 0:

@@ -43,16 +43,6 @@ HANG_SECONDS = 180
 WORKERS = 2
 OUTCOMES_ENV = "ONNXEPS_CORPUS_OUTCOMES"
 
-# ONNX Runtime writes its own "[E:onnxruntime:...]" log line to stderr before onnxeps
-# reports a failed run, so these files print two lines instead of one.
-_ORT_LOG_LINE = (
-    "ONNX Runtime logs its own error line to stderr on a failed run "
-    "(set_default_logger_severity(3) still lets ERROR through)"
-)
-KNOWN_DEFECTS = {
-    "pypi-silero-vad/silero_vad/data/silero_vad_half.onnx": _ORT_LOG_LINE,
-    "tensorrt/tools/Polygraphy/examples/cli/multi_device/attention_head.onnx": _ORT_LOG_LINE,
-}
 
 
 def _manifest_rows(corpus: Path) -> list[dict[str, str]]:
@@ -69,13 +59,7 @@ def _corpus_params() -> list:
     corpus = reference_data_dir() / "onnx-corpus"
     if not (corpus / "MANIFEST.csv").is_file():
         return [pytest.param("MANIFEST.csv", id="corpus-missing")]
-    params = []
-    for row in _manifest_rows(corpus):
-        marks = []
-        if row["path"] in KNOWN_DEFECTS:
-            marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS[row["path"]]))
-        params.append(pytest.param(row["path"], id=row["path"], marks=marks))
-    return params
+    return [pytest.param(row["path"], id=row["path"]) for row in _manifest_rows(corpus)]
 
 
 def onnxeps_command() -> list[str]:

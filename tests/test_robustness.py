@@ -570,7 +570,6 @@ CASES: dict[str, Callable[[Path], CliCase]] = {
     "big-model": _case_big_model,
 }
 
-_ORT_LOG = "ONNX Runtime logs its own [E:onnxruntime] line to stderr before the error line"
 HOSTILE = [
     "empty-file",
     "truncated",
@@ -579,8 +578,8 @@ HOSTILE = [
     "pickled-npy",
     "missing-external-data",
     "huge-batch",
-    pytest.param("timeout", marks=pytest.mark.xfail(strict=True, reason=_ORT_LOG)),
-    pytest.param("runtime-failure", marks=pytest.mark.xfail(strict=True, reason=_ORT_LOG)),
+    "timeout",
+    "runtime-failure",
     pytest.param(
         "non-utf8-op-type",
         marks=pytest.mark.xfail(
@@ -789,11 +788,6 @@ def test_big_model_stays_sparse(big_model_path):
     assert allocated < 1 << 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a MemoryError inside a rewrite pass is wrapped as 'rewrite pass "
-    "apply-constants failed: MemoryError: ' instead of the out-of-memory message",
-)
 def test_big_model_memory_limit_one_line(cli_runs):
     line = assert_one_error_line(cli_runs["big-memory-limit"].result())
     assert "out of memory" in line
@@ -812,11 +806,6 @@ def test_big_model_scores(cli_runs):
     assert_one_record(cli_runs["big-model"].result())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="run_passes wraps MemoryError as RewriteError, so score() never reports "
-    "'out of memory ... Lower --batch-size'",
-)
 def test_weight_too_large_for_memory_reported(tmp_path):
     """A weight declared as 4 TiB cannot be allocated for the rewrite."""
     weight = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[1, 2**40])

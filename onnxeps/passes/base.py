@@ -36,7 +36,7 @@ def run_passes(model: onnx.ModelProto, passes: Iterable[Pass]) -> list[str]:
         try:
             if rewrite(model):
                 changed.append(rewrite.name)
-        except OnnxepsError:
+        except (OnnxepsError, MemoryError):
             raise
         except Exception as error:
             after = f" after {', '.join(done)}" if done else ""

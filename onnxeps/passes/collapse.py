@@ -356,6 +356,8 @@ def narrow_model(
     nar = _Narrowing(copy, set(weights), infer_types(copy))
     _seed_inputs(nar)
     for node in copy.graph.node:
+        if not node.output or not node.output[0]:
+            raise NotCovered(f"{_label(node)} has no output")
         if nar.add_alias(node):
             continue
         rule = _RULES.get(node.op_type)
