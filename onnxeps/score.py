@@ -258,6 +258,8 @@ def _template(loaded: LoadedModel, plan: Plan, s: ScoreSettings, inputs, rng) ->
     batch = _make_batch(model, plan, inputs, s, rng)
     constants = ApplyConstants(plan, rng)
     run_passes(model, [constants, RemoveDropout()])
+    # The passes below read kept tensors (e.g. running statistics), so load their data.
+    _load_remaining_external(model, loaded.base_dir)
     passes = []
     collapse = CollapseChannels(constants.weight_tensors, output)
     if s.collapse:
@@ -265,7 +267,6 @@ def _template(loaded: LoadedModel, plan: Plan, s: ScoreSettings, inputs, rng) ->
     passes += [BatchNormToBatchStatistics(), ExposeOutput(output), PruneUnused()]
     changed = run_passes(model, passes)
     log.debug("%s: passes that changed the model: %s", loaded.label, ", ".join(changed))
-    _load_remaining_external(model, loaded.base_dir)
     return _Template(model, collapse.weights, collapse.multipliers, batch, output)
 
 

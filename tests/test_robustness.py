@@ -723,14 +723,6 @@ def test_external_data_sha256_covers_data_file(tmp_path):
     assert result.sha256 == sha256_of(path, tmp_path / "model.data")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CollapseChannels reads external tensors the rewrite keeps (here the "
-    "BatchNormalization statistics) relative to the working directory, not the model's "
-    "folder: 'rewrite pass collapse-channels failed: ValidationError: Data of "
-    "TensorProto ( tensor name: m) should be stored in model.data, but it is not "
-    "regular file'",
-)
 def test_external_data_kept_tensors_other_folder(tmp_path):
     """Score from a working directory other than the model's folder (pytest's)."""
     assert Path.cwd() != tmp_path
