@@ -58,7 +58,6 @@ class Space:
     higher_is_better: bool
     read: Callable[[list[dict], str], list[Candidate]]
     build: Callable[[object, dict], onnx.ModelProto]
-    image_input: bool
 
 
 def _float(row: dict, column: str, line: int) -> float | None:
@@ -135,9 +134,9 @@ def _build_nlp(encoding, options: dict) -> onnx.ModelProto:
 
 
 SPACES: dict[str, Space] = {
-    "nb201": Space("nb201", "nb201", "test_acc_c10", True, _read_nb201, _build_nb201, True),
-    "nb101": Space("nb101", "nb101", "val_accuracy", True, _read_nb101, _build_nb101, True),
-    "nlp": Space("nlp", "nlp", "ptb_test_loss", False, _read_nlp, _build_nlp, False),
+    "nb201": Space("nb201", "nb201", "test_acc_c10", True, _read_nb201, _build_nb201),
+    "nb101": Space("nb101", "nb101", "val_accuracy", True, _read_nb101, _build_nb101),
+    "nlp": Space("nlp", "nlp", "ptb_test_loss", False, _read_nlp, _build_nlp),
 }
 
 

@@ -6,7 +6,6 @@ import csv
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxeps.converters import nb201

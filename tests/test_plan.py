@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import onnx
-import pytest
 from onnx import helper, numpy_helper
 
 from onnxeps.plan import ROLE_HINTS_KEY, Plan, PlanEntry, build_plan
