@@ -17,18 +17,11 @@ import onnx
 
 from . import nb101, nb201, nlp
 from ._builder import save_model_atomic
+from .framework_cli import OUTPUT_OPTION as _OUTPUT_OPTION
 from .framework_cli import convert_keras, convert_torch
 
 __all__ = ["convert"]
 
-_OUTPUT_OPTION = click.option(
-    "-o",
-    "--output",
-    "output",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Path of the .onnx file to write.",
-)
 _CLASSES_OPTION = click.option(
     "--num-classes",
     type=click.IntRange(min=1),

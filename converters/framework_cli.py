@@ -23,7 +23,7 @@ from ._extras import MissingExtraError, import_extra
 
 __all__ = ["convert_torch", "convert_keras"]
 
-_OUTPUT_OPTION = click.option(
+OUTPUT_OPTION = click.option(
     "-o",
     "--output",
     "output",
@@ -107,7 +107,7 @@ def _one_line(error: BaseException) -> str:
     show_default=True,
     help="torch.onnx exporter; auto tries TorchScript, then dynamo.",
 )
-@_OUTPUT_OPTION
+@OUTPUT_OPTION
 def convert_torch(
     target: str,
     input_shape: tuple[int, ...],
@@ -227,7 +227,7 @@ def _import_user_module(module_name: str):
     "axis. [default: the model's input shapes]",
 )
 @_OPSET_OPTION
-@_OUTPUT_OPTION
+@OUTPUT_OPTION
 def convert_keras(
     source: Path, input_shape: tuple[int, ...] | None, opset: int, output: Path
 ) -> None:
