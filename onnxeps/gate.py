@@ -218,7 +218,7 @@ def run_gate(
     """Score the model (and the baseline, with the same options) and run the checks.
 
     ``score_options`` are the keyword arguments of :func:`onnxeps.score`. A failure to
-    score either model never raises: it is stored in ``errors`` and turns the checks
+    score either model does not raise. It is stored in ``errors`` and turns the checks
     that need that model into ``error`` checks. Raises ValueError when no check is
     requested or when exactly one of ``baseline`` and ``max_drop_pct`` is given.
     """

@@ -39,7 +39,7 @@ def _normalise(output: np.ndarray, run: int) -> tuple[np.ndarray | None, str | N
     high = vector.max()
     if high == low:
         return None, f"run {run} output is constant ({float(low)!r})"
-    # The span can overflow float64 when the output holds values near +-1.8e308.
+    # The span can overflow float64 when the output contains values near +-1.8e308.
     with np.errstate(over="ignore"):
         span = high - low
     if not np.isfinite(span):

@@ -214,10 +214,11 @@ class _Tracer:
 
 
 def _is_carried_state(node: onnx.NodeProto, slot: int) -> bool:
-    """Whether a Loop or Scan input is the initial value of a state the body updates.
+    """Return whether a Loop or Scan input is the initial value of a state the body
+    updates.
 
-    A carried value that the body returns unchanged (a loop invariant, as some
-    exporters pass weights) is not a state; the planner follows it into the body.
+    A carried value that the body returns unchanged is a loop invariant, as some
+    exporters pass weights, so the planner follows it into the body instead.
     """
     if node.domain not in _DEFAULT_DOMAINS:
         return False

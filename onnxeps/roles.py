@@ -1,4 +1,4 @@
-"""What each operator input means for the metric: the per-op knowledge of the planner.
+"""Roles of operator inputs for the metric: the per-op knowledge of the planner.
 
 Every rule is one table entry keyed by operator type and input slot, so supporting a new
 operator is one reviewed line. ``tests/test_roles.py`` checks every slot and input name

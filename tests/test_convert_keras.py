@@ -3,7 +3,7 @@
 The main check is parity: epsilon of the converted model, scored by ``onnxeps.score``,
 must equal epsilon computed natively in Keras within relative 1e-4. The native side
 runs a clone of the model on the same batch. Every kernel and BatchNormalization gamma
-is w, every bias and beta 0, and the embedding table holds the U(0, 1) values the core
+is w, every bias and beta 0, and the embedding table contains the U(0, 1) values the core
 draws. BatchNormalization runs in training mode (batch statistics) with dropout off.
 Both outputs then go through ``onnxeps.epsilon``.
 """

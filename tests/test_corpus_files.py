@@ -7,7 +7,7 @@ exactly one ``error:`` line on stderr and nothing on stdout. It must never print
 traceback, crash, hang or change the file (or its external data).
 
 The files run as subprocesses on a pool of two workers that starts when the first test
-asks for a result. The whole corpus took 1.5 to 2 minutes on two cores shared with
+requests a result. The whole corpus took 1.5 to 2 minutes on two cores shared with
 other work. Set
 ``ONNXEPS_CORPUS_OUTCOMES=FILE`` to also write every run as one JSON line to FILE;
 ``benchmarks/corpus_outcomes.py --outcomes FILE`` turns that file into the table of

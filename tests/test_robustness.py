@@ -8,7 +8,7 @@ onnxruntime.quantization. Where the score can be worked out by hand, numpy compu
 the reference outputs and onnxeps.epsilon the expected value.
 
 Command-line cases run as subprocesses, two at a time, started together when the first
-test asks for one. Each checks the rule that a file either scores (exit 0, one JSON
+test requests one. Each checks the rule that a file either scores (exit 0, one JSON
 record) or fails with exactly one ``error:`` line, and that no input file changes.
 Set ``ONNXEPS_BIG=1`` to also score the 2 GiB model, which needs about 5 GB of memory.
 """

@@ -3,8 +3,8 @@ U(0, 1) values drawn once from the seed.
 
 :class:`ApplyConstants` runs first on the model the plan was built on (it reads the
 plan's node references). It zeroes biases, fills embeddings, turns Constant-node weights
-into initializers and splits constants read in several roles; it leaves the tensors
-that take w as placeholders named in ``weight_tensors``. :func:`fill_weights` then makes
+into initializers and splits constants read in several roles. The tensors that take w
+stay placeholders, named in ``weight_tensors``. :func:`fill_weights` then makes
 one model per weight value from that template.
 """
 
@@ -146,10 +146,10 @@ def fill_weights(
     weight: float,
     multipliers: dict[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
-    """Return a copy of the template whose weight placeholders hold ``weight``.
+    """Return a copy of the template whose weight placeholders contain ``weight``.
 
-    A tensor with a multiplier array (from the channel collapse) holds ``weight`` times
-    that array, computed in float64 and then cast to the tensor's type.
+    A tensor with a multiplier array (from the channel collapse) contains ``weight``
+    times that array, computed in float64 and then cast to the tensor's type.
     """
     model = onnx.ModelProto()
     model.CopyFrom(template)
