@@ -5,6 +5,7 @@ runs it on an unlabelled batch for two constants, and measures how the normalise
 outputs differ. Higher epsilon predicts higher trained accuracy.
 """
 
+from onnxeps.engine import ScoreFailure, score_many
 from onnxeps.errors import OnnxepsError
 from onnxeps.metric import EpsilonResult, epsilon
 from onnxeps.plan import Plan, PlanEntry, build_plan
@@ -18,11 +19,13 @@ __all__ = [
     "Plan",
     "PlanEntry",
     "Role",
+    "ScoreFailure",
     "ScoreResult",
     "build_plan",
     "epsilon",
     "plan",
     "score",
+    "score_many",
 ]
 
 __version__ = "0.1.0"

@@ -21,16 +21,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxeps.cost import model_costs
-from onnxeps.errors import InputError, OnnxepsError
+from onnxeps.cost import count_macs, parameter_count
+from onnxeps.engine import Job, Task, make_task, run_jobs
+from onnxeps.errors import InputError
 from onnxeps.plan import build_plan
-from onnxeps.score import DEFAULT_SEQ_LEN, ScoreResult, score
+from onnxeps.score import DEFAULT_SEQ_LEN
 from onnxeps.stats import NAN_POLICIES, rank_statistics
 
 __all__ = [
     "SPACES",
     "Candidate",
     "BenchResult",
+    "build_encoded",
+    "cost_columns",
     "read_candidates",
     "run_bench",
     "render_markdown",
@@ -116,21 +119,21 @@ def _read_nlp(rows: list[dict], column: str) -> list[Candidate]:
 def _build_nb201(encoding, options: dict) -> onnx.ModelProto:
     from onnxeps.converters import nb201
 
-    return nb201.build(encoding)
+    return nb201.build(encoding, init_seed=None)
 
 
 def _build_nb101(encoding, options: dict) -> onnx.ModelProto:
     from onnxeps.converters import nb101
 
     matrix, ops = encoding
-    return nb101.build(matrix, ops)
+    return nb101.build(matrix, ops, init_seed=None)
 
 
 def _build_nlp(encoding, options: dict) -> onnx.ModelProto:
     """Unroll over --seq-len steps (default 70, as the benchmark's bptt)."""
     from onnxeps.converters import nlp
 
-    return nlp.build(encoding, seq_len=options.get("seq_len") or DEFAULT_SEQ_LEN)
+    return nlp.build(encoding, seq_len=options.get("seq_len") or DEFAULT_SEQ_LEN, init_seed=None)
 
 
 SPACES: dict[str, Space] = {
@@ -184,21 +187,35 @@ def _sample(candidates: list[Candidate], size: int | None, seed: int) -> list[Ca
     return [candidates[i] for i in chosen]
 
 
-def _score_one(space: Space, candidate: Candidate, inputs, options: dict) -> dict:
+def build_encoded(space_name: str, encoding, options: dict) -> onnx.ModelProto:
+    """Build the ONNX model of an encoding of a space; ``options`` as for scoring."""
+    space = SPACES[space_name]
     try:
-        model = space.build(candidate.encoding, options)
+        return space.build(encoding, options)
     except ValueError as error:
         raise InputError(f"invalid {space.name} encoding: {error}.") from error
-    result: ScoreResult = score(model, inputs, preset=space.preset, **options)
-    plan = build_plan(model)
+
+
+def cost_columns(model: onnx.ModelProto, parameters: int | None = None) -> dict:
+    """Return the baseline columns of a record: #params and MACs per sample.
+
+    ``parameters`` is the parameter count when the caller has it (scoring counts it).
+    """
     batch_one = {
         value.name: tuple(d.dim_value or 1 for d in value.type.tensor_type.shape.dim)
         for value in model.graph.input
     }
-    costs = model_costs(model, plan, batch_one)
-    record = result.record()
-    record["model"] = f"{space.name}:{candidate.label}"
-    return record | {"truth": candidate.truth, "params": costs.params, "macs": costs.macs}
+    macs, _ = count_macs(model, batch_one)
+    if parameters is None:
+        parameters = parameter_count(build_plan(model))
+    return {"params": parameters, "macs": macs}
+
+
+def _bench_record(record: dict, candidate: Candidate) -> dict:
+    """Put the ground truth between the score columns and the cost columns."""
+    score_columns = {k: v for k, v in record.items() if k not in ("params", "macs")}
+    costs = {"params": record["params"], "macs": record["macs"]}
+    return score_columns | {"truth": candidate.truth} | costs
 
 
 _PARAMETER_FREE_OPS = ("skip_connect", "avg_pool_3x3")
@@ -253,6 +270,28 @@ def _statistics(records: list[dict], total: int, space: Space) -> dict:
     return summary
 
 
+def _score_candidates(
+    space: Space, candidates: list[Candidate], task: Task, run: dict, progress
+) -> list[dict]:
+    """Score the candidates through the engine; return their records in table order."""
+    jobs = [
+        Job.encoded(f"{space.name}:{candidate.label}", space.name, candidate.encoding)
+        for candidate in candidates
+    ]
+    records: dict[int, dict] = {}
+    for done, outcome in enumerate(run_jobs(jobs, task, **run), start=1):
+        if outcome.error is not None:
+            log.error("%s", outcome.error)
+            if outcome.traceback is not None:
+                log.debug("%s", outcome.traceback)
+        else:
+            log.info("[%d/%d] scored %s", done, len(jobs), outcome.label)
+            records[outcome.index] = _bench_record(outcome.record, candidates[outcome.index])
+        if progress is not None:
+            progress(done, len(jobs))
+    return [records[index] for index in sorted(records)]
+
+
 def run_bench(
     space_name: str,
     truth: Path,
@@ -262,26 +301,31 @@ def run_bench(
     inputs: Path | None = None,
     metric_column: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    jobs: int = 1,
+    cache: bool = False,
+    engine: str = "local",
+    address: str | None = None,
+    worker_setup: Callable[[], None] | None = None,
     **options,
 ) -> BenchResult:
     """Score a sample of a search space and compute the summary statistics.
 
     ``sample`` None scores every architecture in the table. ``options`` go to
-    :func:`onnxeps.score` (synthetic, batch_size, weights, seed, device, ...).
+    :func:`onnxeps.score` (synthetic, batch_size, weights, seed, device, ...). ``jobs``
+    worker processes build and score the models (one: in this process), on the
+    ``engine`` "local" or "ray" (at ``address``); ``cache`` uses the result cache, and
+    ``worker_setup`` runs once in each worker.
     """
     space = SPACES[space_name]
     column = metric_column or space.metric_column
     candidates = _sample(read_candidates(space, truth, column), sample, sample_seed)
+    task = make_task(
+        inputs, options | {"preset": space.preset}, cache=cache, setup=worker_setup
+    )
+    run = {"workers": jobs, "engine": engine, "address": address}
     started = time.perf_counter()
     result = BenchResult()
-    for done, candidate in enumerate(candidates, start=1):
-        log.info("[%d/%d] %s", done, len(candidates), candidate.label)
-        try:
-            result.records.append(_score_one(space, candidate, inputs, options))
-        except OnnxepsError as error:
-            log.error("%s: %s", candidate.label, error)
-        if progress is not None:
-            progress(done, len(candidates))
+    result.records = _score_candidates(space, candidates, task, run, progress)
     elapsed = time.perf_counter() - started
     result.summary = {
         "space": space.name,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 import click
@@ -27,16 +28,26 @@ from onnxeps.cli_common import (
     report_error,
     resolve_format,
     scoring_options,
+    streamed_output_options,
     verbosity_options,
     write_or_fail,
 )
+from onnxeps.cli_score import (
+    check_engine,
+    engine_options,
+    expand_models,
+    open_records,
+    score_into,
+    summarise,
+)
 from onnxeps.converters.cli import convert
+from onnxeps.engine import default_jobs, make_task
 from onnxeps.errors import OnnxepsError
 from onnxeps.inputs import SYNTHETIC_KINDS
 from onnxeps.presets import PRESETS
 from onnxeps.report import json_ready, render
 from onnxeps.runtime import DEVICES
-from onnxeps.score import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, ScoreResult, score
+from onnxeps.score import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 
 log = logging.getLogger("onnxeps")
 
@@ -52,47 +63,40 @@ def main() -> None:
     """Score neural-network architectures from ONNX files with epsilon (epsinas)."""
 
 
-def _summarise(results: list[ScoreResult], total: int, quiet: int) -> None:
-    """Print the coverage line to stderr (a summary, not a warning), unless -q."""
-    if quiet:
-        return
-    defined = sum(1 for r in results if r.defined)
-    failed = total - len(results)
-    click.echo(
-        f"coverage: {defined}/{total} models have a defined epsilon "
-        f"({len(results) - defined} undefined, {failed} failed); undefined scores are "
-        "null in the records",
-        err=True,
-    )
-
-
 @main.command("score")
-@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, type=click.Path())
+@click.option("--list", "list_path", type=click.Path(exists=True, dir_okay=False), help="Also score the model paths in FILE, one a line; blank lines and lines starting with # are skipped.")
 @scoring_options
-@output_options
+@engine_options
+@click.option("--resume", is_flag=True, help="Keep the records already in the -o FILE (json or csv), skip their models and append the others.")
+@streamed_output_options
 @verbosity_options
-def score_command(models, input_path, synthetic, fmt, output_path, verbose, quiet, **options) -> None:
-    """Score each MODEL (.onnx) with epsilon."""
+def score_command(models, list_path, input_path, synthetic, jobs, engine, address, use_cache, resume, fmt, output_path, verbose, quiet, **options) -> None:
+    """Score each MODEL with epsilon: an .onnx file, a folder of them or a glob pattern."""
     configure_logging(verbose, quiet)
-    protect_inputs(output_path, [input_path])
-    fmt = resolve_format(fmt, output_path, models)
+    paths = expand_models(models, list_path)
+    protect_inputs(output_path, [input_path, list_path])
+    fmt = resolve_format(fmt, output_path, paths)
     check_input_choice(input_path, synthetic)
-    results: list[ScoreResult] = []
-    for index, model in enumerate(models, start=1):
-        log.info("[%d/%d] scoring %s", index, len(models), model)
-        try:
-            result = score(model, input_path, synthetic=synthetic, **options)
-        except Exception as error:  # one failing model must not stop the others
-            report_error(model, error)
-            continue
-        for warning in result.warnings:
-            log.warning("%s: %s", model, warning)
-        results.append(result)
-    records = [result.record() for result in results]
-    write_or_fail(render(records, fmt, SCORE_COLUMNS, SCORE_TABLE_COLUMNS), output_path)
-    if len(models) > 1:
-        _summarise(results, len(models), quiet)
-    if len(results) < len(models):
+    check_engine(engine, address)
+    try:
+        sink = open_records(fmt, output_path, resume, SCORE_COLUMNS, SCORE_TABLE_COLUMNS)
+    except OnnxepsError as error:
+        log.error("%s", error)
+        sys.exit(1)
+    todo = [path for path in paths if path not in sink.previous]
+    if len(todo) < len(paths):
+        log.info("%s: %d models already recorded, %d to score", output_path, len(paths) - len(todo), len(todo))
+    task = make_task(
+        input_path, options | {"synthetic": synthetic}, cache=use_cache,
+        setup=partial(configure_logging, verbose, quiet),
+    )  # fmt: skip
+    workers = jobs or default_jobs()
+    records = score_into(sink, todo, task, workers=workers, engine=engine, address=address)
+    if len(paths) > 1:
+        earlier = [sink.previous[path] for path in paths if path in sink.previous]
+        summarise(records + earlier, len(paths), quiet)
+    if len(records) < len(todo):
         sys.exit(1)
 
 
@@ -146,8 +150,9 @@ def plan_command(model, preset, strict, fmt, output_path, verbose, quiet) -> Non
 @click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), help="Write the report to FILE.")
 @click.option("--records", "records_path", type=click.Path(dir_okay=False), help="Write per-model score records (JSON Lines) to FILE.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a scatter plot PNG (score against truth) to FILE; needs onnxeps[plot].")
+@engine_options
 @verbosity_options
-def bench_command(space, truth, sample, sample_seed, input_path, synthetic, records_path, plot_path, fmt, output_path, verbose, quiet, **options) -> None:
+def bench_command(space, truth, sample, sample_seed, input_path, synthetic, records_path, plot_path, fmt, output_path, jobs, engine, address, use_cache, verbose, quiet, **options) -> None:
     """Score architectures of SPACE and rank them against the ground truth."""
     import json as json_module
 
@@ -155,6 +160,7 @@ def bench_command(space, truth, sample, sample_seed, input_path, synthetic, reco
 
     configure_logging(verbose, quiet)
     check_input_choice(input_path, synthetic)
+    check_engine(engine, address)
     size = _parse_sample(sample)
     for path in (output_path, records_path, plot_path):
         check_folder(path)
@@ -165,7 +171,9 @@ def bench_command(space, truth, sample, sample_seed, input_path, synthetic, reco
         result = run_bench(
             space, Path(truth), sample=size, sample_seed=sample_seed,
             inputs=Path(input_path) if input_path else None, synthetic=synthetic,
-            progress=update, **options,
+            progress=update, jobs=jobs or default_jobs(), cache=use_cache,
+            engine=engine, address=address,
+            worker_setup=partial(configure_logging, verbose, quiet), **options,
         )  # fmt: skip
     except OnnxepsError as error:
         log.error("%s", error)

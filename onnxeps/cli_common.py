@@ -13,12 +13,15 @@ from pathlib import Path
 
 import click
 
+from onnxeps.engine import error_line
 from onnxeps.errors import OnnxepsError
 from onnxeps.inputs import SYNTHETIC_KINDS
+from onnxeps.limits import AUTO, MemoryLimitParam
 from onnxeps.presets import PRESETS
 from onnxeps.report import FORMATS, format_from_path, write_output
 from onnxeps.runtime import DEVICES
 from onnxeps.score import (
+    RECORD_KEYS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_SEED,
     DEFAULT_SEQ_LEN,
@@ -28,10 +31,7 @@ from onnxeps.score import (
 
 log = logging.getLogger("onnxeps")
 
-SCORE_COLUMNS = [
-    "model", "sha256", "epsilon", "reason", "weights", "batch_size", "input", "output",
-    "preset", "provider", "warnings", "seconds",
-]  # fmt: skip
+SCORE_COLUMNS = list(RECORD_KEYS)
 _LEVELS = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 
 
@@ -86,13 +86,13 @@ def verbosity_options(function):
     )(function)
 
 
-def output_options(function):
+def _output_options(function, output_help: str):
     function = click.option(
         "-o",
         "--output",
         "output_path",
         type=click.Path(dir_okay=False, writable=True),
-        help="Write records to FILE (atomically) instead of stdout.",
+        help=output_help,
     )(function)
     return click.option(
         "--format",
@@ -100,6 +100,20 @@ def output_options(function):
         type=click.Choice(FORMATS),
         help="Record format; default: from the -o extension, else table.",
     )(function)
+
+
+def output_options(function):
+    """Add --format and -o for records written at the end."""
+    return _output_options(function, "Write records to FILE (atomically) instead of stdout.")
+
+
+def streamed_output_options(function):
+    """Add --format and -o for records written as each model finishes."""
+    return _output_options(
+        function,
+        "Write records to FILE instead of stdout. JSON Lines and CSV get each record as "
+        "its model finishes; a table is written atomically at the end.",
+    )
 
 
 def check_folder(path: str | None) -> None:
@@ -118,15 +132,28 @@ def protect_inputs(output_path: str | None, inputs) -> None:
             raise click.UsageError(f"{output_path} would overwrite the input file {path}.")
 
 
-def model_files(models) -> list[Path]:
+def model_files(models, output_path: str) -> list[Path]:
+    """Return the model files and those of their external-data files that could be
+    ``output_path``.
+
+    Loading rejects external data outside the model's folder, so only the models in a
+    folder above the output, or in its own, are parsed for their external data.
+    """
     from onnxeps.load import referenced_files
 
-    return [file for model in models if Path(model).is_file() for file in referenced_files(model)]
+    folder = Path(output_path).resolve().parent
+    above = {folder, *folder.parents}
+    files = []
+    for model in models:
+        path = Path(model)
+        near = path.is_file() and path.resolve().parent in above
+        files += referenced_files(path) if near else [path]
+    return files
 
 
 def resolve_format(fmt: str | None, output_path: str | None, models) -> str:
     if output_path is not None:
-        protect_inputs(output_path, model_files(models))
+        protect_inputs(output_path, model_files(models, output_path))
     check_folder(output_path)
     if fmt is not None:
         return fmt
@@ -151,15 +178,8 @@ def write_or_fail(text: str, path: str | None, exit_code: int = 1) -> None:
 
 
 def report_error(model: str, error: Exception) -> None:
-    text = str(error)
-    if isinstance(error, OnnxepsError):
-        message = text if text.startswith(model) else f"{model}: {text}"
-        log.error("%s", message)
-    else:
-        log.error(
-            "%s: internal error (%s: %s); rerun with -vv for the traceback",
-            model, type(error).__name__, text,
-        )  # fmt: skip
+    log.error("%s", error_line(model, error))
+    if not isinstance(error, OnnxepsError):
         log.debug("traceback", exc_info=error)
 
 
@@ -192,6 +212,7 @@ _OPTIONS = [
     click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT, show_default=True, callback=check_timeout, help="Seconds allowed for scoring each model (inf: no limit)."),
     click.option("--strict", is_flag=True, help="Fail on float tensors the planner cannot classify."),
     click.option("--no-collapse", "collapse", flag_value=False, default=True, help="Always evaluate the full graph, never the equivalent narrow one."),
+    click.option("--memory-limit", type=MemoryLimitParam(), default=AUTO, show_default=True, help="Memory that scoring may take for the weights, estimated from their sizes before any is read: a size such as 3GB or 512MiB, none, or auto (the memory available)."),
 ]  # fmt: skip
 
 

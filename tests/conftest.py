@@ -24,3 +24,13 @@ def data_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"reference data folder {path} not found; set ONNXEPS_DATA")
     return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_result_cache(tmp_path_factory, monkeypatch):
+    """Point the result cache at a new folder for each test, never at the user's cache.
+
+    A folder per test also keeps a record cached by one test from hiding a failure
+    that another test expects.
+    """
+    monkeypatch.setenv("ONNXEPS_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

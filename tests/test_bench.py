@@ -268,6 +268,58 @@ def test_no_candidates_raises(tmp_path):
         run_bench("nb201", truth, sample=None)
 
 
+
+# ----- engine -----
+
+
+def assert_same_records(actual: list[dict], expected: list[dict]) -> None:
+    """Check records in order: epsilon within relative 1e-5, other keys but
+    ``seconds`` equal. Workers run ONNX Runtime with fewer threads, which may sum in
+    another order."""
+    assert [r["model"] for r in actual] == [r["model"] for r in expected]
+    for record, other in zip(expected, actual):
+        assert list(other) == list(record)
+        for key in record.keys() - {"seconds", "epsilon"}:
+            assert other[key] == record[key], (record["model"], key)
+        if record["epsilon"] is None:
+            assert other["epsilon"] is None, record["model"]
+        else:
+            assert other["epsilon"] == pytest.approx(record["epsilon"], rel=1e-5)
+
+
+def test_jobs_two_same_records(nb201_truth, nb201_result):
+    parallel = run_bench(
+        "nb201", nb201_truth, sample=SAMPLE, batch_size=BATCH, synthetic="grey", jobs=2
+    )
+    assert_same_records(parallel.records, nb201_result.records)
+    assert parallel.summary["scored"] == nb201_result.summary["scored"]
+
+
+def test_record_keys_in_order(nb201_result):
+    for record in nb201_result.records:
+        assert list(record)[-4:] == ["seconds", "truth", "params", "macs"]
+
+
+def test_cache_second_run_hits(nb201_truth, monkeypatch, tmp_path, caplog):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("ONNXEPS_CACHE_DIR", str(folder))
+    options = dict(sample=3, batch_size=BATCH, synthetic="grey", cache=True)
+    first = run_bench("nb201", nb201_truth, **options)
+    assert len(list(folder.rglob("*.json"))) == 3
+    with caplog.at_level("INFO", logger="onnxeps.engine"):
+        second = run_bench("nb201", nb201_truth, **options)
+    assert "3 of 3 results came from the cache" in caplog.text
+    assert second.records == first.records
+
+
+def test_invalid_encoding_fails_one(tmp_path, caplog):
+    truth = tmp_path / "truth.csv"
+    truth.write_text(f"arch_str,test_acc_c10\n{ALL_NONE},10\n|bad_op~0|+|,20\n")
+    result = run_bench("nb201", truth, sample=None, batch_size=BATCH)
+    assert result.summary["scored"] == 1
+    assert result.summary["failed"] == 1
+    assert "nb201:|bad_op~0|+|: invalid nb201 encoding" in caplog.text
+
 # ----- command line -----
 
 
@@ -339,3 +391,22 @@ def test_cli_input_and_synthetic_exit_2(data_dir, nb201_truth):
     result = invoke(["nb201", "--truth", str(nb201_truth), "--sample", "1",
                      "--input", str(images), "--synthetic", "grey"])  # fmt: skip
     assert result.exit_code == 2
+
+
+def test_cli_jobs_two_records(tmp_path, nb201_truth):
+    records = tmp_path / "rec.jsonl"
+    result = invoke(["nb201", "--truth", str(nb201_truth), "--sample", "4",
+                     "--batch-size", str(BATCH), "-j", "2", "--no-cache",
+                     "--records", str(records)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("# onnxeps bench nb201\n")
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert len(lines) == 4
+    expected = run_bench("nb201", nb201_truth, sample=4, batch_size=BATCH)
+    assert_same_records(lines, expected.records)
+
+
+def test_cli_address_needs_ray(nb201_truth):
+    result = invoke(["nb201", "--truth", str(nb201_truth), "--address", "host:6379"])
+    assert result.exit_code == 2
+    assert "--address needs --engine ray" in result.stderr

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import signal
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from onnxeps.cli import main
+from onnxeps.converters import nb201
 
 _HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
 # Nonlinear in w, so that the two runs normalise differently and epsilon is non-zero.
@@ -212,11 +214,13 @@ def test_score_external_data_model(tmp_path):
     assert record["epsilon"] > 0
 
 
-def test_score_stdout_only_records(square):
-    # A real process: anything the runtime prints to file descriptor 1 would show.
+def test_score_stdout_only_records(tmp_path, square):
+    # A real process: anything the runtime or a worker prints to file descriptor 1
+    # would show.
+    other = write_model(tmp_path, "other.onnx", _SQUARE)
     command = [
         sys.executable, "-c", "from onnxeps.cli import main; main()",
-        "score", square, square, "--format", "json", "--batch-size", "8",
+        "score", square, other, "--format", "json", "--batch-size", "8", "-j", "2",
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
@@ -278,6 +282,23 @@ def test_score_output_onto_model_usage_error(square):
     assert result.exit_code == 2
     assert "would overwrite the input file" in result.stderr
     assert sha256_of(square) == before
+
+
+@pytest.mark.parametrize("folder", [".", "sub"], ids=["beside", "below"])
+def test_score_output_onto_external_data_usage_error(tmp_path, folder):
+    model = onnx.parser.parse_model(_HEADER + _SQUARE)
+    weight = np.array([[0.5], [-1.0], [2.0]], np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(weight, "w"))
+    (tmp_path / "sub").mkdir()
+    location = f"{folder}/w.json"
+    path = tmp_path / "external.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, location=location, size_threshold=0)
+    data = tmp_path / location
+    before = data.read_bytes()
+    result = invoke("score", str(path), "-o", str(data), "--batch-size", "8")
+    assert result.exit_code == 2
+    assert "would overwrite the input file" in result.stderr
+    assert data.read_bytes() == before
 
 
 # score: errors
@@ -402,7 +423,7 @@ def test_score_unknown_format_usage_error(square):
 def test_score_no_models_usage_error():
     result = invoke("score")
     assert result.exit_code == 2
-    assert "Missing argument 'MODELS...'" in result.stderr
+    assert "missing argument MODELS... (or --list FILE)" in result.stderr
 
 
 def test_score_bad_mean_usage_error(square):
@@ -410,6 +431,350 @@ def test_score_bad_mean_usage_error(square):
     assert result.exit_code == 2
     assert "is not a comma-separated list of numbers" in result.stderr
 
+
+
+# score: many models
+
+NB201_CELLS = 10
+
+
+@pytest.fixture(scope="module")
+def cell_dir(tmp_path_factory, data_dir):
+    """A folder of the first NB201 cells of the table as .onnx files."""
+    folder = tmp_path_factory.mktemp("cells")
+    with open(data_dir / "nb201" / "nb201_accuracy.csv", newline="") as stream:
+        rows = [row for _, row in zip(range(NB201_CELLS), csv.DictReader(stream))]
+    for index, row in enumerate(rows):
+        onnx.save_model(nb201.build(row["arch_str"]), folder / f"cell{index:02d}.onnx")
+    return folder
+
+
+def cell_paths(cell_dir) -> list[str]:
+    return sorted(str(path) for path in cell_dir.glob("*.onnx"))
+
+
+def json_records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def assert_same_records(actual: list[dict], expected: list[dict]) -> None:
+    """Check records model by model: epsilon within relative 1e-5, other keys but
+    ``seconds`` equal. Workers run ONNX Runtime with fewer threads, which may sum in
+    another order."""
+    by_model = {record["model"]: record for record in actual}
+    assert sorted(by_model) == sorted(record["model"] for record in expected)
+    for record in expected:
+        other = by_model[record["model"]]
+        for key in record.keys() - {"seconds", "epsilon"}:
+            assert other[key] == record[key], (record["model"], key)
+        if record["epsilon"] is None:
+            assert other["epsilon"] is None, record["model"]
+        else:
+            assert other["epsilon"] == pytest.approx(record["epsilon"], rel=1e-5)
+
+
+def scored_models(log_text: str) -> list[str]:
+    """Return the models that a -v log reports as scored in this run."""
+    lines = [line for line in log_text.splitlines() if "] scored " in line]
+    return [line.split("] scored ", 1)[1].removesuffix(" (from the cache)") for line in lines]
+
+
+def test_score_directory_sorted_recursive(tmp_path):
+    folder = tmp_path / "models"
+    (folder / "sub").mkdir(parents=True)
+    paths = [
+        write_model(folder, "z.onnx", _SQUARE),
+        write_model(folder / "sub", "b.onnx", _SQUARE),
+        write_model(folder, "a.onnx", _SQUARE),
+    ]
+    (folder / "notes.txt").write_text("not a model")
+    result = invoke("score", str(folder), "--format", "json", "--batch-size", "8", "-j", "1")
+    assert result.exit_code == 0, result.stderr
+    assert [r["model"] for r in json_records(result.stdout)] == sorted(paths)
+
+
+def test_score_glob_patterns(tmp_path):
+    (tmp_path / "sub").mkdir()
+    top = write_model(tmp_path, "top.onnx", _SQUARE)
+    below = write_model(tmp_path / "sub", "below.onnx", _SQUARE)
+    flat = invoke("score", str(tmp_path / "*.onnx"), "--format", "json", "--batch-size", "8")
+    assert flat.exit_code == 0, flat.stderr
+    assert [r["model"] for r in json_records(flat.stdout)] == [top]
+    deep = invoke("score", str(tmp_path / "**" / "*.onnx"), "--format", "json", "--batch-size", "8")
+    assert deep.exit_code == 0, deep.stderr
+    assert [r["model"] for r in json_records(deep.stdout)] == sorted([top, below])
+
+
+def test_score_list_file(tmp_path, square):
+    other = write_model(tmp_path, "other.onnx", _SQUARE)
+    listing = tmp_path / "models.txt"
+    listing.write_text(f"# models to score\n\n{other}\n   \n  {square}  \n#{square}\n")
+    result = invoke("score", "--list", str(listing), "--format", "json", "--batch-size", "8", "-j", "1")
+    assert result.exit_code == 0, result.stderr
+    assert [r["model"] for r in json_records(result.stdout)] == [other, square]
+
+
+def test_score_duplicates_scored_once(tmp_path, monkeypatch, square):
+    monkeypatch.chdir(tmp_path)
+    listing = tmp_path / "models.txt"
+    listing.write_text("square.onnx\n")
+    result = invoke(
+        "score", "./square.onnx", square, str(tmp_path), "--list", str(listing),
+        "--format", "json", "--batch-size", "8", "-v",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert [r["model"] for r in json_records(result.stdout)] == ["./square.onnx"]
+    assert "coverage" not in result.stderr
+
+
+def test_score_empty_folder_usage_error(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("no models")
+    result = invoke("score", str(folder))
+    assert result.exit_code == 2
+    assert f"{folder}: no .onnx file in this folder or below" in result.stderr
+
+
+def test_score_unmatched_pattern_usage_error(tmp_path, square):
+    pattern = str(tmp_path / "*.tflite")
+    result = invoke("score", square, pattern)
+    assert result.exit_code == 2
+    assert f"{pattern}: no file matches this pattern" in result.stderr
+
+
+def test_score_jobs_two_same_records(cell_dir):
+    paths = cell_paths(cell_dir)
+    one = invoke("score", str(cell_dir), "--format", "json", "--batch-size", "8", "-j", "1", "--no-cache")
+    two = invoke("score", str(cell_dir), "--format", "json", "--batch-size", "8", "-j", "2", "--no-cache")
+    assert one.exit_code == 0, one.stderr
+    assert two.exit_code == 0, two.stderr
+    assert [r["model"] for r in json_records(one.stdout)] == paths
+    assert_same_records(json_records(two.stdout), json_records(one.stdout))
+    assert len(paths) == NB201_CELLS
+
+
+def test_score_jobs_two_failing_model(cell_dir, tmp_path):
+    paths = cell_paths(cell_dir)[:4]
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x08\x07garbage")
+    missing = str(tmp_path / "missing.onnx")
+    result = invoke(
+        "score", *paths[:2], str(broken), missing, *paths[2:], "--format", "json",
+        "--batch-size", "8", "-j", "2",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert sorted(r["model"] for r in json_records(result.stdout)) == paths
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2
+    assert f"error: {missing}: file not found." in errors
+    assert any(line.startswith(f"error: {broken}: ") for line in errors)
+    assert "Traceback" not in result.stderr
+    assert "coverage: " in result.stderr
+    assert "/6 models have a defined epsilon" in result.stderr
+    assert ", 2 failed)" in result.stderr
+
+
+def test_score_streams_line_per_model(cell_dir, tmp_path, monkeypatch):
+    import onnxeps.engine
+
+    target = tmp_path / "records.jsonl"
+    lines_before_each: list[int] = []
+    real_score = onnxeps.engine.score
+
+    def counting_score(*args, **kwargs):
+        lines_before_each.append(len(target.read_text().splitlines()))
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(onnxeps.engine, "score", counting_score)
+    paths = cell_paths(cell_dir)[:4]
+    result = invoke("score", *paths, "-o", str(target), "--batch-size", "8", "-j", "1")
+    assert result.exit_code == 0, result.stderr
+    assert lines_before_each == [0, 1, 2, 3]
+    assert [r["model"] for r in json_records(target.read_text())] == paths
+
+
+def test_score_streams_csv_header_once(cell_dir, tmp_path):
+    target = tmp_path / "records.csv"
+    paths = cell_paths(cell_dir)[:3]
+    result = invoke("score", *paths, "-o", str(target), "--batch-size", "8", "-j", "1")
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.reader(io.StringIO(target.read_text())))
+    assert rows[0] == _SCORE_KEYS
+    assert [row[0] for row in rows[1:]] == paths
+
+
+def _start_score(arguments: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-c", "from onnxeps.cli import main; main()", *arguments]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_first_record(path, process, deadline: float = 60.0) -> None:
+    import time
+
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if path.exists() and path.read_bytes().count(b"\n") >= 1:
+            return
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.01)
+    raise AssertionError(f"no record in {path} after {deadline} s")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+def test_score_resume_after_interrupt(cell_dir, tmp_path, stop):
+    target = tmp_path / "records.jsonl"
+    options = ["--batch-size", "64", "-o", str(target), "--no-cache"]
+    jobs = ["-j", "2"] if stop == signal.SIGINT else ["-j", "1"]
+    process = _start_score(["score", str(cell_dir), *options, *jobs])
+    _wait_for_first_record(target, process)
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=60)
+    if stop == signal.SIGINT:
+        assert process.returncode == 130, stderr
+        assert "--resume scores the rest" in stderr
+        assert "Traceback" not in stderr
+        json_records(target.read_text())  # every line is a whole record
+    else:
+        assert process.returncode == -signal.SIGKILL
+    written = target.read_bytes()
+    complete = written[: written.rfind(b"\n") + 1].decode().splitlines()
+    done = [json.loads(line)["model"] for line in complete]
+    assert 1 <= len(done) < NB201_CELLS
+
+    resumed = invoke("score", str(cell_dir), *options, "--resume", "-j", "1", "-v")
+    assert resumed.exit_code == 0, resumed.stderr
+    paths = cell_paths(cell_dir)
+    assert sorted(scored_models(resumed.stderr)) == sorted(set(paths) - set(done))
+    records = json_records(target.read_text())
+    assert sorted(r["model"] for r in records) == paths
+    assert [r["model"] for r in records[: len(done)]] == done
+
+
+def test_score_resume_drops_partial_line(cell_dir, tmp_path):
+    target = tmp_path / "records.jsonl"
+    paths = cell_paths(cell_dir)[:3]
+    first = invoke("score", *paths[:2], "-o", str(target), "--batch-size", "8", "-j", "1")
+    assert first.exit_code == 0, first.stderr
+    lines = target.read_text().splitlines(keepends=True)
+    target.write_text(lines[0] + lines[1][:25])
+    resumed = invoke("score", *paths, "-o", str(target), "--batch-size", "8", "--resume", "-v")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert sorted(scored_models(resumed.stderr)) == paths[1:]
+    assert "dropping an incomplete last line" in resumed.stderr
+    records = json_records(target.read_text())
+    assert sorted(r["model"] for r in records) == paths
+    assert "/3 models have a defined epsilon" in resumed.stderr
+    assert " 0 failed)" in resumed.stderr
+
+
+def test_score_resume_csv(cell_dir, tmp_path):
+    target = tmp_path / "records.csv"
+    paths = cell_paths(cell_dir)[:3]
+    first = invoke("score", paths[0], "-o", str(target), "--batch-size", "8")
+    assert first.exit_code == 0, first.stderr
+    resumed = invoke("score", *paths, "-o", str(target), "--batch-size", "8", "--resume", "-v", "-j", "1")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert scored_models(resumed.stderr) == paths[1:]
+    rows = list(csv.reader(io.StringIO(target.read_text())))
+    assert rows[0] == _SCORE_KEYS
+    assert [row[0] for row in rows[1:]] == paths
+
+
+def test_score_resume_everything_done(tmp_path, square):
+    target = tmp_path / "records.jsonl"
+    assert invoke("score", square, "-o", str(target), "--batch-size", "8").exit_code == 0
+    before = target.read_text()
+    resumed = invoke("score", square, "-o", str(target), "--batch-size", "8", "--resume", "-v")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert scored_models(resumed.stderr) == []
+    assert target.read_text() == before
+
+
+def test_score_resume_missing_file_starts_it(tmp_path, square):
+    target = tmp_path / "records.jsonl"
+    result = invoke("score", square, "-o", str(target), "--batch-size", "8", "--resume")
+    assert result.exit_code == 0, result.stderr
+    assert [r["model"] for r in json_records(target.read_text())] == [square]
+
+
+@pytest.mark.parametrize(
+    "output",
+    [[], ["-o", "records.txt"], ["--format", "json"]],
+    ids=["stdout", "table-file", "json-stdout"],
+)
+def test_score_resume_needs_streamed_file(tmp_path, monkeypatch, square, output):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("score", square, "--resume", *output)
+    assert result.exit_code == 2
+    assert "--resume needs -o FILE with format json or csv" in result.stderr
+
+
+def test_score_resume_invalid_line_exits_one(tmp_path, square):
+    target = tmp_path / "records.jsonl"
+    target.write_text('{"model": "a.onnx"}\nnot json\n{"model": "b.onnx"}\n')
+    result = invoke("score", square, "-o", str(target), "--resume", "--batch-size", "8")
+    assert_one_error_line(result, str(target), "line 2 is not a JSON record")
+    assert target.read_text().count("\n") == 3
+
+
+def test_score_resume_foreign_csv_exits_one(tmp_path, square):
+    target = tmp_path / "records.csv"
+    target.write_text("name,value\nx,1\n")
+    result = invoke("score", square, "-o", str(target), "--resume", "--batch-size", "8")
+    assert_one_error_line(result, str(target), "CSV header")
+
+
+def test_score_cache_hit_same_record(tmp_path, square):
+    first = invoke("score", square, "--format", "json", "--batch-size", "8", "-v")
+    second = invoke("score", square, "--format", "json", "--batch-size", "8", "-v")
+    assert first.exit_code == 0, first.stderr
+    assert second.exit_code == 0, second.stderr
+    assert "(from the cache)" not in first.stderr
+    assert "(from the cache)" in second.stderr
+    assert "1 of 1 results came from the cache" in second.stderr
+    assert json.loads(second.stdout) == json.loads(first.stdout)
+
+
+def test_score_no_cache_writes_nothing(tmp_path, monkeypatch, square):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("ONNXEPS_CACHE_DIR", str(folder))
+    result = invoke("score", square, "--batch-size", "8", "--no-cache")
+    assert result.exit_code == 0, result.stderr
+    assert not folder.exists()
+    result = invoke("score", square, "--batch-size", "8")
+    assert result.exit_code == 0, result.stderr
+    assert len(list(folder.rglob("*.json"))) == 1
+
+
+def test_score_unwritable_cache_one_warning(tmp_path, monkeypatch, square):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    monkeypatch.setenv("ONNXEPS_CACHE_DIR", str(blocker))
+    other = write_model(tmp_path, "other.onnx", _SQUARE.replace("s = Mul (h, h)", "s = Mul (h, h)\n  t = Mul (s, h)"))
+    result = invoke("score", square, other, "--format", "json", "--batch-size", "8", "-j", "1")
+    assert result.exit_code == 0, result.stderr
+    assert len(json_records(result.stdout)) == 2
+    assert result.stderr.count("cannot write the result cache") == 1
+
+
+def test_score_address_needs_ray(square):
+    result = invoke("score", square, "--address", "127.0.0.1:6379")
+    assert result.exit_code == 2
+    assert "--address needs --engine ray" in result.stderr
+
+
+def test_score_ray_engine_missing_ray_one_line(monkeypatch, square, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails
+    other = write_model(tmp_path, "other.onnx", _SQUARE)
+    result = invoke("score", square, other, "--engine", "ray", "--batch-size", "8")
+    assert_one_error_line(result, "the Ray engine needs the ray package")
+
+
+def test_score_jobs_zero_usage_error(square):
+    result = invoke("score", square, "-j", "0")
+    assert result.exit_code == 2
+    assert "Invalid value for '-j'" in result.stderr
 
 # plan
 
