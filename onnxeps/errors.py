@@ -46,3 +46,7 @@ class RuntimeFailure(OnnxepsError):
 
 class ScoreTimeout(OnnxepsError):
     """Scoring one model took longer than the configured timeout."""
+
+
+class MemoryLimitError(OnnxepsError):
+    """Scoring the model would need more memory than the memory limit allows."""

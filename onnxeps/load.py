@@ -5,15 +5,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper
 
 from onnxeps.errors import ModelLoadError
-from onnxeps.graphs import iter_graphs, iter_tensors
+from onnxeps.graphs import iter_tensors
 
 __all__ = ["LoadedModel", "load_model", "referenced_files", "PROTO_LIMIT_BYTES"]
 
@@ -105,20 +107,76 @@ def _checker_warnings(model: str | onnx.ModelProto) -> list[str]:
     return []
 
 
-def _check_names(model: onnx.ModelProto, label: str) -> None:
-    """Reject a model whose names are not valid UTF-8 (protobuf decodes them lazily)."""
-    try:
-        for ref in iter_graphs(model):
-            graph = ref.graph
-            for value in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]:
-                _ = value.name
-            for node in graph.node:
-                _ = (node.name, node.op_type, node.domain, list(node.input), list(node.output))
-    except UnicodeDecodeError as error:
-        raise ModelLoadError(
-            f"{label}: not a valid ONNX model (a name is not valid UTF-8: {error}).",
-            "Check that the file is a complete, uncorrupted .onnx export.",
-        ) from error
+# One step from the model towards a field: (previous step, the message the step
+# reaches or None for a string, field name, index in a repeated field or None).
+_Trail = tuple | None
+# ListFields() would copy a tensor's data out of the proto, so tensors list only these.
+_TENSOR_TEXT_FIELDS = [
+    field
+    for field in onnx.TensorProto.DESCRIPTOR.fields
+    if field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE)
+]
+
+
+def _set_fields(message: Message) -> list[tuple[FieldDescriptor, object]]:
+    if not isinstance(message, onnx.TensorProto):
+        return message.ListFields()
+    return [
+        (field, getattr(message, field.name))
+        for field in _TENSOR_TEXT_FIELDS
+        if field.is_repeated or message.HasField(field.name)
+    ]
+
+
+def _invalid_strings(model: onnx.ModelProto) -> Iterator[tuple[_Trail, bytes]]:
+    """Yield every string field that is not valid UTF-8, with the trail to it.
+
+    Protobuf (7.36, upb backend) returns such a field as ``bytes`` instead of raising.
+    """
+    pending: list[tuple[Message, _Trail]] = [(model, None)]
+    while pending:
+        message, trail = pending.pop()
+        for field, value in _set_fields(message):
+            items = enumerate(value) if field.is_repeated else [(None, value)]
+            name = field.name
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                pending.extend((item, (trail, item, name, i)) for i, item in items)
+            elif field.type == FieldDescriptor.TYPE_STRING:
+                for index, item in items:
+                    if type(item) is bytes:
+                        yield (trail, None, name, index), item
+
+
+def _describe_field(trail: _Trail) -> str:
+    """Return the field's path from the model, e.g. ``graph.node[3].input[0]``, and
+    the type and name of the node it belongs to."""
+    names: list[str] = []
+    node = None
+    while trail is not None:
+        trail, message, name, index = trail
+        names.append(name if index is None else f"{name}[{index}]")
+        if node is None and isinstance(message, onnx.NodeProto):
+            node = message
+    path = ".".join(reversed(names))
+    if node is None or type(node.op_type) is bytes:
+        return path
+    named = f" '{node.name}'" if node.name and type(node.name) is str else ""
+    return f"{path} (in node{named} of type {node.op_type})"
+
+
+def _check_strings(model: onnx.ModelProto, label: str) -> None:
+    """Reject a model with a string field (a name, op type, dim_param, ...) that is not
+    valid UTF-8, because every later step expects text there."""
+    found = next(_invalid_strings(model), None)
+    if found is None:
+        return
+    trail, value = found
+    raise ModelLoadError(
+        f"{label}: not a valid ONNX model: the string field {_describe_field(trail)} "
+        f"is not valid UTF-8: {value[:60]!r}.",
+        "Re-export the model, or rewrite that field as UTF-8 text with the onnx "
+        "Python package.",
+    )
 
 
 def _load_path(path: Path, label: str) -> LoadedModel:
@@ -128,7 +186,7 @@ def _load_path(path: Path, label: str) -> LoadedModel:
     if not path.is_file():
         raise ModelLoadError(f"{label}: not a file.")
     model = _parse(path, label)
-    _check_names(model, label)
+    _check_strings(model, label)
     locations = _external_locations(model)
     externals = [_resolve_external(path, loc, label) for loc in locations]
     sha = _hash_files([path, *externals])
@@ -146,6 +204,8 @@ def referenced_files(path: str | os.PathLike) -> list[Path]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # any parse failure: the caller reports it when scoring
         return [path]
+    if next(_invalid_strings(model), None) is not None:
+        return [path]
     return [path, *(path.parent / loc for loc in _external_locations(model))]
 
 
@@ -159,7 +219,10 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        _check_names(copy, copy.graph.name or "<in-memory model>")
+        # The graph name labels the model unless it is empty or not valid UTF-8.
+        label = copy.graph.name if isinstance(copy.graph.name, str) else ""
+        label = label or "<in-memory model>"
+        _check_strings(copy, label)
         try:
             data = copy.SerializeToString()
         except ValueError as error:
@@ -168,6 +231,5 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
                 "Save models over 2 GB with external data and pass the path.",
             ) from error
         sha = hashlib.sha256(data).hexdigest()
-        label = copy.graph.name or "<in-memory model>"
         return LoadedModel(copy, sha, label, None, _checker_warnings(copy))
     return _load_path(Path(model), os.fspath(model))

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxeps
-from onnxeps.errors import OnnxepsError, RewriteError, RuntimeFailure
+from onnxeps.errors import ModelLoadError, OnnxepsError, RewriteError, RuntimeFailure
 from onnxeps.load import load_model
 from onnxeps.passes.batchnorm import BatchNormToBatchStatistics
 from onnxeps.passes.collapse import CollapseChannels
@@ -49,6 +49,10 @@ FUZZ_SETTINGS = dict(
 )
 EPSILON_RTOL = 1e-4
 EPSILON_ATOL = 1e-6
+# Two runs whose outputs are proportional in exact arithmetic give epsilon 0. Float32
+# rounding leaves more than EPSILON_ATOL: a Concat, Sigmoid, MatMul graph on 4 samples
+# gave 1.3e-6 for the full graph and 5.4e-8 for the collapsed one.
+ROUNDING_FLOOR = 1e-5
 
 vi = helper.make_tensor_value_info
 
@@ -154,40 +158,6 @@ def corrupted_bytes(draw) -> bytes:
     return bytes(data[:offset]) + junk + bytes(data[offset:])
 
 
-def _string_fields_valid(message) -> bool:
-    """Return False when any string field contains bytes that are not valid UTF-8.
-
-    The protobuf runtime returns such a field as ``bytes`` instead of ``str``.
-    """
-    for descriptor, value in message.ListFields():
-        values = value if descriptor.is_repeated else [value]
-        for item in values:
-            if hasattr(item, "ListFields"):
-                if not _string_fields_valid(item):
-                    return False
-            elif descriptor.type == descriptor.TYPE_STRING and isinstance(item, bytes):
-                return False
-    return True
-
-
-def known_defect(data: bytes) -> str | None:
-    """Name the known defect these bytes trigger, or return None.
-
-    NOTE: remove a case once its xfail test at the end of this file passes.
-    """
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)
-    except Exception:  # undecodable bytes: load_model reports them
-        return None
-    if not _string_fields_valid(model):
-        return "non-UTF-8 string"
-    known_types = set(TensorProto.DataType.values())
-    if any(v.type.tensor_type.elem_type not in known_types for v in model.graph.input):
-        return "graph input of an unknown element type number"
-    return None
-
-
 @pytest.fixture(scope="module")
 def fuzz_file(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz") / "model.onnx"
@@ -201,7 +171,6 @@ def write_bytes(path: Path, data: bytes) -> Path:
 @settings(max_examples=LOAD_CASES, **FUZZ_SETTINGS)
 @given(data=corrupted_bytes())
 def test_load_corrupted_result_or_onnxeps_error(fuzz_file, data):
-    assume(known_defect(data) is None)
     try:
         loaded = load_model(write_bytes(fuzz_file, data))
     except OnnxepsError:
@@ -212,7 +181,6 @@ def test_load_corrupted_result_or_onnxeps_error(fuzz_file, data):
 @settings(max_examples=PLAN_CASES, **FUZZ_SETTINGS)
 @given(data=corrupted_bytes())
 def test_plan_corrupted_result_or_onnxeps_error(fuzz_file, data):
-    assume(known_defect(data) is None)
     try:
         plan = onnxeps.plan(write_bytes(fuzz_file, data))
     except OnnxepsError:
@@ -231,7 +199,6 @@ def assert_valid_result(result: onnxeps.ScoreResult) -> None:
 @settings(max_examples=SCORE_CORRUPTED_CASES, **FUZZ_SETTINGS)
 @given(data=corrupted_bytes())
 def test_score_corrupted_result_or_onnxeps_error(fuzz_file, data):
-    assume(known_defect(data) is None)
     try:
         result = onnxeps.score(write_bytes(fuzz_file, data), batch_size=4, timeout=20)
     except OnnxepsError:
@@ -588,12 +555,16 @@ def agree(a: float, b: float) -> bool:
 
 
 def rounding_noise(model: onnx.ModelProto, full: onnxeps.ScoreResult) -> bool:
-    """Return True when moving w1 by 1 % changes the full graph's epsilon.
+    """Return True when the full graph's epsilon is float32 rounding noise: below
+    ROUNDING_FLOOR, or moved when w1 changes by 1 % or grows to 1e-5.
 
-    A small change of a small w1 should barely move epsilon. When it does, the first
-    run's output varies only at float32 rounding level, and epsilon is noise.
+    For w1 from 1e-7 to 1e-5 these graphs are close to linear in w1, and min-max
+    normalisation removes the scale, so epsilon should barely move. When it does, the
+    first run's output varies only at float32 rounding level.
     """
-    for w1 in (0.99e-7, 1.01e-7):
+    if full.epsilon < ROUNDING_FLOOR:
+        return True
+    for w1 in (0.99e-7, 1.01e-7, 1e-5):
         nearby = onnxeps.score(model, batch_size=4, timeout=20, collapse=False, weights=(w1, 1.0))
         if nearby.epsilon is None or not agree(nearby.epsilon, full.epsilon):
             return True
@@ -645,44 +616,26 @@ def non_utf8_model(tmp_path: Path, token: bytes, x_shape=("N", 4)) -> Path:
     return write_bytes(tmp_path / "model.onnx", data.replace(token, broken))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a symbolic dim name that is not UTF-8 raises TypeError in inputs._axis_kind",
-)
 def test_score_non_utf8_dim_param_onnxeps_error(tmp_path):
     path = non_utf8_model(tmp_path, b"BATCHDIM", x_shape=("BATCHDIM", 4))
-    with pytest.raises(OnnxepsError):
+    with pytest.raises(ModelLoadError, match=r"dim\[0\]\.dim_param is not valid UTF-8"):
         onnxeps.score(path, batch_size=4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an initializer name that is not UTF-8 raises TypeError in "
-    "plan._tf2onnx_fused_tensors",
-)
 def test_plan_non_utf8_initializer_onnxeps_error(tmp_path):
     path = non_utf8_model(tmp_path, b"WEIGHT")
-    with pytest.raises(OnnxepsError):
+    with pytest.raises(ModelLoadError, match=r"graph\.initializer\[0\]\.name is not valid"):
         onnxeps.plan(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a tensor name that is not UTF-8 is reported as 'rewrite pass "
-    "collapse-channels failed: UnicodeDecodeError', not as an invalid model: "
-    "load._check_names reads the names, but protobuf returns invalid UTF-8 as bytes "
-    "instead of raising UnicodeDecodeError",
-)
 def test_score_non_utf8_tensor_name_load_error(tmp_path):
-    from onnxeps.errors import ModelLoadError
-
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["HIDDEN"]), helper.make_node("Tanh", ["HIDDEN"], ["y"])],
         "g", [vi("x", TensorProto.FLOAT, ["N", 4])], [vi("y", TensorProto.FLOAT, ["N", 3])],
         [floats(np.ones((4, 3)), "W")],
     )  # fmt: skip
     data = make_model(graph).SerializeToString().replace(b"HIDDEN", b"HI\xffDEN")
-    with pytest.raises(ModelLoadError):
+    with pytest.raises(ModelLoadError, match=r"graph\.node\[\d\]\.\w+\[0\] \(in node of type"):
         onnxeps.score(write_bytes(tmp_path / "model.onnx", data), batch_size=4)
 
 

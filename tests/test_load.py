@@ -7,10 +7,10 @@ import hashlib
 import numpy as np
 import onnx
 import pytest
-from onnx import external_data_helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from onnxeps.errors import ModelLoadError
-from onnxeps.load import load_model
+from onnxeps.load import load_model, referenced_files
 
 _TEXT = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -233,3 +233,92 @@ def test_load_valid_model_no_warnings(tmp_path):
     onnx.save_model(tiny_model(), path)
     assert load_model(path).warnings == []
     assert load_model(tiny_model()).warnings == []
+
+
+def labelled_model() -> onnx.ModelProto:
+    """Return a model whose names are distinct tokens, to make one invalid UTF-8."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["INPUTNAME", "WEIGHTNAME"], ["HIDDENNAME"], name="NODENAME"),
+         helper.make_node("Softmax", ["HIDDENNAME"], ["OUTPUTNAME"], name="SOFTNAME",
+                          domain="ai.onnx", axis=1)],
+        "GRAPHNAME", [helper.make_tensor_value_info("INPUTNAME", TensorProto.FLOAT, ["DIMPARAM", 3])],
+        [helper.make_tensor_value_info("OUTPUTNAME", TensorProto.FLOAT, ["DIMPARAM", 2])],
+        [numpy_helper.from_array(np.ones((3, 2), np.float32), "WEIGHTNAME")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"METAKEY": "value"})
+    return model
+
+
+def break_token(data: bytes, token: bytes) -> bytes:
+    """Replace the third byte of ``token`` by 0xff, which is never valid UTF-8."""
+    assert token in data
+    return data.replace(token, token[:2] + b"\xff" + token[3:])
+
+
+@pytest.mark.parametrize(
+    ("token", "field"),
+    [
+        (b"NODENAME", "graph.node[0].name (in node of type MatMul)"),
+        (b"MatMul", "graph.node[0].op_type"),
+        (b"ai.onnx", "graph.node[1].domain (in node 'SOFTNAME' of type Softmax)"),
+        (b"axis", "graph.node[1].attribute[0].name (in node 'SOFTNAME' of type Softmax)"),
+        (b"WEIGHTNAME", "graph.initializer[0].name"),
+        (b"INPUTNAME", "graph.input[0].name"),
+        (b"OUTPUTNAME", "graph.output[0].name"),
+        (b"METAKEY", "metadata_props[0].key"),
+    ],
+)
+def test_load_non_utf8_string_rejected(tmp_path, token, field):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(break_token(labelled_model().SerializeToString(), token))
+    broken = token[:2] + b"\xff" + token[3:]
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(path)
+    message = caught.value.message
+    prefix = f"{path}: not a valid ONNX model: the string field {field} "
+    assert message.startswith(prefix)
+    assert message.endswith(f"is not valid UTF-8: {broken!r}.")
+    assert "\n" not in str(caught.value)
+
+
+def test_load_non_utf8_dim_param_rejected(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(break_token(labelled_model().SerializeToString(), b"DIMPARAM"))
+    with pytest.raises(ModelLoadError, match=r"shape\.dim\[0\]\.dim_param is not valid UTF-8"):
+        load_model(path)
+
+
+def test_load_non_utf8_in_subgraph_names_path(tmp_path):
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["INNERNAME"], ["inner_out"])], "then", [],
+        [helper.make_tensor_value_info("inner_out", TensorProto.FLOAT, [1])],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)],
+        "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "model.onnx"
+    path.write_bytes(break_token(model.SerializeToString(), b"INNERNAME"))
+    with pytest.raises(
+        ModelLoadError, match=r"graph\.node\[0\]\.attribute\[\d\]\.g\.node\[0\]\.input\[0\] "
+        r"\(in node of type Identity\)",
+    ):  # fmt: skip
+        load_model(path)
+
+
+def test_load_non_utf8_external_location_rejected(tmp_path):
+    path = _save_external(tmp_path, one_file=True)
+    path.write_bytes(break_token(path.read_bytes(), b"weights.bin"))
+    with pytest.raises(ModelLoadError, match=r"external_data\[\d\]\.value is not valid"):
+        load_model(path)
+    assert referenced_files(path) == [path]
+
+
+def test_load_proto_non_utf8_graph_name_label():
+    model = onnx.ModelProto()
+    model.ParseFromString(break_token(labelled_model().SerializeToString(), b"GRAPHNAME"))
+    with pytest.raises(ModelLoadError, match=r"^<in-memory model>: .* graph\.name is not"):
+        load_model(model)

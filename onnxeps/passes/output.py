@@ -16,6 +16,9 @@ __all__ = ["ExposeOutput", "PruneUnused", "scored_output_name"]
 
 log = logging.getLogger(__name__)
 
+# A severity above CRITICAL, so that onnx-graphsurgeon's logger prints nothing.
+_GS_SILENT = gs.logger.G_LOGGER.CRITICAL + 1
+
 
 class UnknownOutputError(OnnxepsError):
     """The requested output tensor does not exist in the main graph."""
@@ -76,19 +79,28 @@ class ExposeOutput:
 
 
 def _prune_flat(graph: onnx.GraphProto) -> None:
-    """Keep the nodes and initializers the outputs depend on (no subgraphs)."""
+    """Keep the nodes and initializers the outputs depend on (no subgraphs).
+
+    Entries are deleted in place: copying a kept initializer would serialise it, which
+    protobuf cannot do for a tensor of 2 GiB or more.
+    """
     needed = {value.name for value in graph.output}
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
+    unused_nodes: list[int] = []
+    for index in reversed(range(len(graph.node))):
+        node = graph.node[index]
         if any(name in needed for name in node.output):
-            kept.append(node)
             needed.update(name for name in node.input if name)
-    nodes = list(reversed(kept))
-    initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
+        else:
+            unused_nodes.append(index)
+    _delete_at(graph.node, unused_nodes)
+    initializers = enumerate(graph.initializer)
+    _delete_at(graph.initializer, [i for i, t in initializers if t.name not in needed])
+
+
+def _delete_at(entries, indices: list[int]) -> None:
+    """Delete the entries at ``indices`` of a repeated field, copying no other."""
+    for index in sorted(indices, reverse=True):
+        del entries[index]
 
 
 def _has_subgraphs(graph: onnx.GraphProto) -> bool:
@@ -111,9 +123,13 @@ class PruneUnused:
         if not _has_subgraphs(model.graph):
             _prune_flat(model.graph)
             return (len(model.graph.node), len(model.graph.initializer)) != before
-        graph = gs.import_onnx(model)
-        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort()
-        pruned = gs.export_onnx(graph, do_type_check=False)
+        # onnx-graphsurgeon prints its warnings to stdout, which carries only records.
+        # Its own exceptions still carry their message.
+        with gs.logger.G_LOGGER.suppress(_GS_SILENT):
+            graph = gs.import_onnx(model)
+            graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True)
+            graph.toposort()
+            pruned = gs.export_onnx(graph, do_type_check=False)
         kept = onnx.ModelProto()
         kept.CopyFrom(model)
         kept.graph.CopyFrom(pruned.graph)
