@@ -75,11 +75,13 @@ class GraphBuilder:
 
     Initial values are drawn per initializer from a generator seeded with
     ``(init_seed, crc32(name))``, so a tensor's value depends only on the seed and its
-    name, not on build order or on which other tensors ``weights`` supplies.
+    name, not on build order or on which other tensors ``weights`` supplies. With
+    ``init_seed`` None every parameter is zero, which is cheaper when the values do not
+    matter (scoring replaces them all).
     """
 
     def __init__(
-        self, init_seed: int = 0, weights: Mapping[str, Any] | None = None
+        self, init_seed: int | None = 0, weights: Mapping[str, Any] | None = None
     ) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
@@ -150,7 +152,8 @@ class GraphBuilder:
         """Add a float32 initializer named exactly ``name`` and return the name.
 
         The value comes from ``weights`` when it has ``name`` (its shape must match),
-        otherwise from ``initializer``.
+        otherwise from ``initializer``, or is all zeros when the builder has no
+        ``init_seed``.
         """
         shape = tuple(int(size) for size in shape)
         if name in self._supplied:
@@ -159,6 +162,8 @@ class GraphBuilder:
                 raise ValueError(
                     f"weights[{name!r}] has shape {value.shape}, expected {shape}"
                 )
+        elif self._init_seed is None:
+            value = np.zeros(shape, dtype=np.float32)
         else:
             rng = np.random.default_rng([self._init_seed, zlib.crc32(name.encode())])
             value = np.asarray(initializer(rng, shape), dtype=np.float32)

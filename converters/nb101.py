@@ -240,7 +240,7 @@ def build(
     matrix: Sequence[Sequence[int]],
     ops: Sequence[str],
     num_classes: int = 1,
-    init_seed: int = 0,
+    init_seed: int | None = 0,
     weights: Mapping[str, Any] | None = None,
 ) -> onnx.ModelProto:
     """Build the NB101 network of one cell as a checked ONNX model.
@@ -276,7 +276,7 @@ def convert(
     ops: Sequence[str],
     path: str | os.PathLike[str],
     num_classes: int = 1,
-    init_seed: int = 0,
+    init_seed: int | None = 0,
     weights: Mapping[str, Any] | None = None,
 ) -> Path:
     """Build the network of one cell and write it atomically to ``path``.

@@ -178,7 +178,7 @@ def _tuple_values(codes: Sequence[int] | str) -> list[int]:
 def build(
     arch_str: str,
     num_classes: int = 1,
-    init_seed: int = 0,
+    init_seed: int | None = 0,
     weights: Mapping[str, Any] | None = None,
 ) -> onnx.ModelProto:
     """Build the NB201 network of one cell as a checked ONNX model.
@@ -207,7 +207,7 @@ def convert(
     arch_str: str,
     path: str | os.PathLike[str],
     num_classes: int = 1,
-    init_seed: int = 0,
+    init_seed: int | None = 0,
     weights: Mapping[str, Any] | None = None,
 ) -> Path:
     """Build the network of ``arch_str`` and write it atomically to ``path``.

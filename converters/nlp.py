@@ -253,7 +253,7 @@ def build(
     recipe: Mapping[str, Any] | str,
     vocab_size: int = 10000,
     seq_len: int = 70,
-    init_seed: int = 0,
+    init_seed: int | None = 0,
     weights: Mapping[str, Any] | None = None,
 ) -> onnx.ModelProto:
     """Build the 3-layer language model of one recipe as a checked ONNX model.
@@ -297,7 +297,7 @@ def convert(
     path: str | os.PathLike[str],
     vocab_size: int = 10000,
     seq_len: int = 70,
-    init_seed: int = 0,
+    init_seed: int | None = 0,
     weights: Mapping[str, Any] | None = None,
 ) -> Path:
     """Build the language model of ``recipe`` and write it atomically to ``path``.

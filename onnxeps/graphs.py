@@ -39,6 +39,13 @@ class Use:
     graph_path: str
 
 
+_GRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+# The standard operators with graph attributes. The schemas of all other standard
+# operators have none, so their attributes need not be read.
+_STANDARD_DOMAINS = ("", "ai.onnx")
+_CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
     for attribute in node.attribute:
         if attribute.type == onnx.AttributeProto.GRAPH:
@@ -46,6 +53,24 @@ def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
         elif attribute.type == onnx.AttributeProto.GRAPHS:
             for index, graph in enumerate(attribute.graphs):
                 yield f"{attribute.name}[{index}]", graph
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(attribute.type in _GRAPH_TYPES for attribute in node.attribute)
+
+
+def _labels(nodes) -> list[str]:
+    """Label each node by name, else op type and position; repeated labels get the
+    position appended."""
+    labels: list[str] = []
+    seen: set[str] = set()
+    for position, node in enumerate(nodes):
+        label = node.name or f"{node.op_type}#{position}"
+        if label in seen:
+            label = f"{label}#{position}"
+        seen.add(label)
+        labels.append(label)
+    return labels
 
 
 def iter_graphs(model: onnx.ModelProto) -> Iterator[GraphRef]:
@@ -58,15 +83,22 @@ def iter_graphs(model: onnx.ModelProto) -> Iterator[GraphRef]:
     while stack:
         ref = stack.pop()
         yield ref
-        children = []
-        labels: set[str] = set()
-        for position, node in enumerate(ref.graph.node):
-            label = node.name or f"{node.op_type}#{position}"
-            if label in labels:
-                label = f"{label}#{position}"
-            labels.add(label)
-            for attribute_name, graph in _subgraphs(node):
-                children.append(GraphRef(f"{ref.path}/{label}.{attribute_name}", graph))
+        nodes = ref.graph.node
+        # Only control-flow and non-standard operators can hold subgraphs.
+        parents = [
+            position
+            for position, node in enumerate(nodes)
+            if (node.op_type in _CONTROL_FLOW or node.domain not in _STANDARD_DOMAINS)
+            and _has_subgraph(node)
+        ]
+        if not parents:
+            continue
+        labels = _labels(nodes)
+        children = [
+            GraphRef(f"{ref.path}/{labels[position]}.{attribute_name}", graph)
+            for position in parents
+            for attribute_name, graph in _subgraphs(nodes[position])
+        ]
         stack.extend(reversed(children))
 
 

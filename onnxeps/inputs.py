@@ -8,6 +8,7 @@ in model-input order, before the embedding tables are filled.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import zipfile
@@ -31,6 +32,7 @@ __all__ = [
     "input_specs",
     "synthetic_batch",
     "batch_from_arrays",
+    "batch_from_file",
     "batch_from_text",
     "read_array_file",
 ]
@@ -407,7 +409,45 @@ def batch_from_arrays(
     The batch axis of each input is its symbolic axis named as the batch (so a
     sequence-first token input is cut along axis 1), else axis 0.
     """
-    specs = input_specs(model)
+    return _batch_for_specs(input_specs(model), arrays, origin, description, batch_size, mean, std)
+
+
+def batch_from_file(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    batch_size: int | None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> Batch:
+    """Build feeds from a .npy/.npz file, as :func:`batch_from_arrays` does.
+
+    The last batches built are kept per process, keyed by the file's identity (path,
+    size, modification time) and everything else the feeds depend on, so scoring many
+    models on one file reads and normalises it once.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        read_array_file(path)  # raises the error that names the problem
+        raise
+    identity = (os.fspath(path), os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    key_mean = tuple(mean) if mean is not None else None
+    key_std = tuple(std) if std is not None else None
+    cached = _cached_file_batch(identity, tuple(input_specs(model)), batch_size, key_mean, key_std)
+    return Batch(dict(cached.feeds), cached.description, cached.batch_size, list(cached.warnings))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_file_batch(identity, specs, batch_size, mean, std) -> Batch:
+    path = identity[0]
+    arrays = read_array_file(path)
+    batch = _batch_for_specs(list(specs), arrays, str(path), f"file:{path}", batch_size, mean, std)
+    for array in batch.feeds.values():
+        array.flags.writeable = False
+    return batch
+
+
+def _batch_for_specs(specs, arrays, origin, description, batch_size, mean, std) -> Batch:
     picked = _pick_arrays(specs, arrays, origin)
     feeds: dict[str, np.ndarray] = {}
     warnings: list[str] = []

@@ -13,21 +13,30 @@ import onnx
 from onnx import external_data_helper
 
 from onnxeps.corpus import TEXT_SUFFIXES
+from onnxeps.cost import parameter_count
 from onnxeps.errors import InputError, OnnxepsError, PlanError, ScoreTimeout
 from onnxeps.graphs import iter_graphs, node_label
 from onnxeps.inputs import (
     Batch,
     batch_from_arrays,
+    batch_from_file,
     batch_from_text,
-    read_array_file,
     synthetic_batch,
 )
+from onnxeps.limits import AUTO, check_weight_memory
 from onnxeps.load import LoadedModel, load_model
 from onnxeps.metric import epsilon
 from onnxeps.passes.base import run_passes
 from onnxeps.passes.batchnorm import BatchNormToBatchStatistics
 from onnxeps.passes.collapse import CollapseChannels
-from onnxeps.passes.constants import ApplyConstants, fill_weights, weight_cast_warnings
+from onnxeps.passes.constants import (
+    ApplyConstants,
+    WeightSlots,
+    fill_weights,
+    weight_cast_warnings,
+    weight_feeds,
+    weights_as_inputs,
+)
 from onnxeps.passes.dropout import RemoveDropout
 from onnxeps.passes.graph_inputs import DetachInitializerInputs
 from onnxeps.passes.output import ExposeOutput, PruneUnused, scored_output_name
@@ -36,7 +45,10 @@ from onnxeps.presets import PRESETS, Preset
 from onnxeps.roles import SLOT_ROLES, Action, Role
 from onnxeps.runtime import Session
 
-__all__ = ["ScoreResult", "ScoreSettings", "score", "validate_weights", "DEFAULT_WEIGHTS"]
+__all__ = [
+    "ScoreResult", "ScoreSettings", "score", "validate_weights", "DEFAULT_WEIGHTS",
+    "RECORD_KEYS",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +77,16 @@ class ScoreResult:
     provider: str
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # Elements of the model's trainable tensors (running statistics excluded), for
+    # callers that report it beside the score; not part of the record.
+    parameters: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def defined(self) -> bool:
         return self.epsilon is not None
 
     def record(self) -> dict:
-        """Return the record as a dict with JSON-ready values (NaN epsilon as None)."""
+        """Return the record (keys :data:`RECORD_KEYS`) with JSON-ready values."""
         return {
             "model": self.model,
             "sha256": self.sha256,
@@ -86,6 +101,13 @@ class ScoreResult:
             "warnings": list(self.warnings),
             "seconds": round(self.seconds, 4),
         }
+
+
+# The keys of a score record, in order.
+RECORD_KEYS = (
+    "model", "sha256", "epsilon", "reason", "weights", "batch_size", "input", "output",
+    "preset", "provider", "warnings", "seconds",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -106,6 +128,7 @@ class ScoreSettings:
     collapse: bool = True
     preset: str | None = None
     recurrent_as_weight: bool = False
+    threads: int | None = None
 
 
 def validate_weights(weights) -> tuple[float, float]:
@@ -222,8 +245,7 @@ def _make_batch(
         size = s.batch_size or DEFAULT_BATCH_SIZE
         return batch_from_text(model, plan, inputs, size, s.seq_len)
     else:
-        arrays = read_array_file(inputs)
-        origin, description = str(inputs), f"file:{inputs}"
+        return batch_from_file(model, inputs, s.batch_size, s.mean, s.std)
     mean = list(s.mean) if s.mean is not None else None
     std = list(s.std) if s.std is not None else None
     return batch_from_arrays(model, arrays, origin, description, s.batch_size, mean, std)
@@ -241,13 +263,20 @@ def _load_remaining_external(model: onnx.ModelProto, base_dir: Path | None) -> N
 
 @dataclass
 class _Template:
-    """The rewritten model, its weight placeholders and the batch to run it on."""
+    """The rewritten model, its weight placeholders and the batch to run it on.
+
+    ``slots`` describes the weights as graph inputs; None when the model has one copy
+    per weight value instead (weights inside subgraphs).
+    """
 
     model: onnx.ModelProto
     weights: list[str]
     multipliers: dict[str, np.ndarray]
     batch: Batch
     output: str
+    narrow: bool
+    cast_warnings: list[str]
+    slots: WeightSlots | None = None
 
 
 def _template(loaded: LoadedModel, plan: Plan, s: ScoreSettings, inputs, rng) -> _Template:
@@ -260,32 +289,51 @@ def _template(loaded: LoadedModel, plan: Plan, s: ScoreSettings, inputs, rng) ->
     run_passes(model, [constants, RemoveDropout()])
     # The passes below read kept tensors (e.g. running statistics), so load their data.
     _load_remaining_external(model, loaded.base_dir)
-    passes = []
     collapse = CollapseChannels(constants.weight_tensors, output)
-    if s.collapse:
-        passes.append(collapse)
-    passes += [BatchNormToBatchStatistics(), ExposeOutput(output), PruneUnused()]
-    changed = run_passes(model, passes)
+    changed = run_passes(model, [collapse] if s.collapse else [])
+    batchnorm = BatchNormToBatchStatistics(collapse.batchnorm_types)
+    changed += run_passes(model, [batchnorm, ExposeOutput(output), PruneUnused()])
     log.debug("%s: passes that changed the model: %s", loaded.label, ", ".join(changed))
-    return _Template(model, collapse.weights, collapse.multipliers, batch, output)
+    template = _Template(
+        model, collapse.weights, collapse.multipliers, batch, output,
+        narrow=collapse.name in changed,
+        cast_warnings=weight_cast_warnings(model, collapse.weights, s.weights),
+    )  # fmt: skip
+    template.slots = weights_as_inputs(model, collapse.weights)
+    return template
+
+
+def _run_once(session: Session, template: _Template, feeds, deadline) -> np.ndarray:
+    try:
+        return session.run(template.output, feeds, deadline.left("running"))
+    except ScoreTimeout as error:
+        raise ScoreTimeout(
+            f"scoring timed out after {deadline.seconds:g} s (running).",
+            "Raise --timeout for large models or batches.",
+        ) from error
 
 
 def _run_both(template: _Template, s: ScoreSettings, deadline) -> tuple[list, str]:
+    """Run the model for both weights: one session fed each weight, or one per weight."""
+    level = "none" if template.narrow else "all"
+    batch = template.batch.feeds
+    if template.slots is not None:
+        session = Session(template.model, s.device, level, s.threads)
+        outputs = [
+            _run_once(
+                session, template,
+                batch | weight_feeds(template.slots, weight, template.multipliers),
+                deadline,
+            )  # fmt: skip
+            for weight in s.weights
+        ]
+        return outputs, session.provider
     outputs = []
-    provider = ""
     for weight in s.weights:
         model = fill_weights(template.model, template.weights, weight, template.multipliers)
-        session = Session(model, s.device)
-        provider = session.provider
-        feeds = template.batch.feeds
-        try:
-            outputs.append(session.run(template.output, feeds, deadline.left("running")))
-        except ScoreTimeout as error:
-            raise ScoreTimeout(
-                f"scoring timed out after {deadline.seconds:g} s (running).",
-                "Raise --timeout for large models or batches.",
-            ) from error
-    return outputs, provider
+        session = Session(model, s.device, level, s.threads)
+        outputs.append(_run_once(session, template, batch, deadline))
+    return outputs, session.provider
 
 
 def score(
@@ -305,6 +353,8 @@ def score(
     strict: bool | None = None,
     collapse: bool | None = None,
     preset: str | None = None,
+    threads: int | None = None,
+    memory_limit: int | str | None = AUTO,
 ) -> ScoreResult:
     """Score one model with epsilon.
 
@@ -316,7 +366,11 @@ def score(
     (1e-7, 1). ``preset`` ("nb201", "nb101", "nlp") sets the reference settings;
     explicit arguments override it. ``timeout`` is in seconds (None: no limit).
     ``collapse`` (default True) evaluates the exactly equivalent narrow graph when every
-    operator allows it (see :mod:`onnxeps.passes.collapse`).
+    operator allows it (see :mod:`onnxeps.passes.collapse`). ``threads`` sets the
+    runtime's intra-op threads (default: one per core), for callers that run several
+    scorings side by side; it never changes the score. ``memory_limit`` caps the peak
+    memory that scoring is estimated to need for the weights, in bytes or as text
+    ("3GB", "512MiB"); the default "auto" is the memory available, and None means none.
 
     Returns a :class:`ScoreResult` whose ``epsilon`` is None with a ``reason`` when the
     metric is undefined. Raises :class:`onnxeps.OnnxepsError` when the model cannot be
@@ -326,8 +380,8 @@ def score(
         return _score(model, inputs, timeout, preset, settings=dict(
             weights=weights, synthetic=synthetic, batch_size=batch_size, seed=seed,
             output_name=output_name, device=device, mean=mean, std=std,
-            seq_len=seq_len, strict=strict, collapse=collapse,
-        ))  # fmt: skip
+            seq_len=seq_len, strict=strict, collapse=collapse, threads=threads,
+        ), memory_limit=memory_limit)  # fmt: skip
     except MemoryError as error:
         raise OnnxepsError(
             f"out of memory while scoring ({error}).",
@@ -335,7 +389,9 @@ def score(
         ) from error
 
 
-def _score(model, inputs, timeout, preset, settings: dict) -> ScoreResult:
+def _score(
+    model, inputs, timeout, preset, settings: dict, memory_limit=AUTO
+) -> ScoreResult:
     started = time.perf_counter()
     s = _apply_preset(settings, preset)
     if timeout is not None and not timeout > 0:
@@ -344,13 +400,14 @@ def _score(model, inputs, timeout, preset, settings: dict) -> ScoreResult:
     loaded = load_model(model)
     plan = build_plan(loaded.proto, s.recurrent_as_weight)
     _check_plan(plan, loaded.label, s.strict, loaded.proto)
+    check_weight_memory(loaded, memory_limit, s.collapse)
     rng = np.random.default_rng(s.seed)
     deadline.left("rewriting")
     template = _template(loaded, plan, s, inputs, rng)
     outputs, provider = _run_both(template, s, deadline)
     result = epsilon(outputs[0], outputs[1])
     batch, output = template.batch, template.output
-    batch.warnings.extend(weight_cast_warnings(template.model, template.weights, s.weights))
+    batch.warnings.extend(template.cast_warnings)
     if batch.batch_size < 3:
         batch.warnings.append(
             f"batch of {batch.batch_size} sample(s): each run's output is one value per "
@@ -370,4 +427,5 @@ def _score(model, inputs, timeout, preset, settings: dict) -> ScoreResult:
         provider=provider,
         warnings=[*loaded.warnings, *plan.warnings, *batch.warnings],
         seconds=time.perf_counter() - started,
+        parameters=parameter_count(plan),
     )

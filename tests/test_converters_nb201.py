@@ -514,3 +514,19 @@ def test_cli_nb201_unwritable_path_exits_1(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert result.output.startswith("Error: failed to write")
     assert len(result.output.splitlines()) == 1
+
+
+def test_build_unseeded_scores_alike() -> None:
+    """init_seed None gives zero parameters; scoring replaces them, so epsilon is equal."""
+    import onnxeps
+
+    arch = "|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|skip_connect~0|none~1|avg_pool_3x3~2|"
+    bare = nb201.build(arch, init_seed=None)
+    roles = json.loads({p.key: p.value for p in bare.metadata_props}["onnxeps.roles"])
+    for tensor in bare.graph.initializer:
+        if tensor.name in roles:
+            assert not onnx.numpy_helper.to_array(tensor).any(), tensor.name
+    seeded = onnxeps.score(nb201.build(arch), preset="nb201", batch_size=8)
+    unseeded = onnxeps.score(bare, preset="nb201", batch_size=8)
+    assert seeded.epsilon is not None
+    assert unseeded.epsilon == seeded.epsilon

@@ -257,7 +257,7 @@ _SCALE = np.array([1.0, 2.0, 0.5, 3.0], np.float32)
 _SHIFT = np.array([0.0, 0.1, -0.2, 0.3], np.float32)
 
 
-def batchnorm_reference(x: np.ndarray, epsilon: float) -> np.ndarray:
+def batchnorm_reference(x: np.ndarray, epsilon: float, scale=_SCALE, shift=_SHIFT) -> np.ndarray:
     """Normalise with the batch's mean and biased variance over all axes but 1."""
     values = x.astype(np.float64)
     axes = tuple(axis for axis in range(x.ndim) if axis != 1)
@@ -266,7 +266,7 @@ def batchnorm_reference(x: np.ndarray, epsilon: float) -> np.ndarray:
     channel = [1] * x.ndim
     channel[1] = -1
     normalised = (values - mean) / np.sqrt(variance + epsilon)
-    return normalised * _SCALE.reshape(channel) + _SHIFT.reshape(channel)
+    return normalised * scale.reshape(channel) + shift.reshape(channel)
 
 
 def batchnorm_model(opset: int, rank: int, training_mode: int) -> onnx.ModelProto:
@@ -312,16 +312,53 @@ def test_batchnorm_matches_reference(opset, rank, training_mode):
     assert np.allclose(y, batchnorm_reference(x, 0.01), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("opset", [17, 18])
-def test_batchnorm_reduce_mean_axes_form(opset):
+@pytest.mark.parametrize("opset", [12, 13])
+def test_batchnorm_unsqueeze_axes_form(opset):
     model = batchnorm_model(opset, 4, 0)
     BatchNormToBatchStatistics()(model)
-    reduces = [node for node in model.graph.node if node.op_type == "ReduceMean"]
-    assert len(reduces) == 2
-    for node in reduces:
-        has_attribute = any(a.name == "axes" for a in node.attribute)
-        assert has_attribute == (opset < 18)
-        assert len(node.input) == (2 if opset >= 18 else 1)
+    (node,) = [node for node in model.graph.node if node.op_type == "Unsqueeze"]
+    has_attribute = any(a.name == "axes" for a in node.attribute)
+    assert has_attribute == (opset < 13)
+    assert len(node.input) == (2 if opset >= 13 else 1)
+
+
+def test_batchnorm_one_channel_without_transpose():
+    text = """
+    g (float[6,1,5,3] x) => (float[6,1,5,3] y) {
+      y = BatchNormalization <epsilon = 0.01> (x, scale, shift, mean, var)
+    }
+    """
+    model = make_model(
+        text, opset=17, scale=_SCALE[3:], shift=_SHIFT[3:],
+        mean=np.full(1, 7.0, np.float32), var=np.full(1, 9.0, np.float32),
+    )  # fmt: skip
+    BatchNormToBatchStatistics()(model)
+    assert "Transpose" not in op_types(model.graph)
+    x = (_RNG.standard_normal((6, 1, 5, 3)) * 3 + 1).astype(np.float32)
+    y = check_and_run(model, {"x": x})[0]
+    expected = batchnorm_reference(x, 0.01, _SCALE[3:], _SHIFT[3:])
+    assert np.allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("type_name", "dtype", "tolerance"),
+    [("double", np.float64, 1e-9), ("float16", np.float16, 2e-2)],
+)
+def test_batchnorm_double_and_half(type_name, dtype, tolerance):
+    text = f"""
+    g ({type_name}[6,4,5,3] x) => ({type_name}[6,4,5,3] y) {{
+      y = BatchNormalization <epsilon = 0.01> (x, scale, shift, mean, var)
+    }}
+    """
+    model = make_model(
+        text, opset=17, scale=_SCALE.astype(dtype), shift=_SHIFT.astype(dtype),
+        mean=np.full(4, 7.0, dtype), var=np.full(4, 9.0, dtype),
+    )  # fmt: skip
+    BatchNormToBatchStatistics()(model)
+    x = (_RNG.standard_normal((6, 4, 5, 3)) * 3 + 1).astype(dtype)
+    y = check_and_run(model, {"x": x})[0]
+    assert y.dtype == dtype
+    assert np.allclose(y, batchnorm_reference(x, 0.01), rtol=tolerance, atol=tolerance)
 
 
 def test_batchnorm_default_epsilon():

@@ -2,8 +2,9 @@
 
 The metric ignores running statistics: mean and biased variance are computed over every
 axis except the channel axis (axis 1) of the batch being scored, with the node's epsilon.
-The rewrite uses primitive operators only, because ONNX Runtime's training-mode
-BatchNormalization crashes or gives wrong results (ORT 1.31-1.32; see the README).
+The rewrite uses InstanceNormalization over a view with one row per channel, not
+training-mode BatchNormalization, which crashes ONNX Runtime or gives wrong results
+(ORT 1.31-1.32; see the README).
 """
 
 from __future__ import annotations
@@ -45,11 +46,17 @@ class _Emitter:
         tensor = helper.make_tensor(stem, onnx.TensorProto.INT64, [len(values)], values)
         return self.constant(stem, tensor)
 
-    def reduce_mean(self, value: str) -> str:
-        """Mean over axes 0 and 2 of an (N, C, S) tensor, keeping dims."""
+    def reduce_mean_rows(self, value: str) -> str:
+        """Mean over the last axis of a (1, C, S) tensor, keeping dims."""
         if self.opset >= 18:
-            return self.op("ReduceMean", [value, self.ints("axes", [0, 2])], keepdims=1)
-        return self.op("ReduceMean", [value], axes=[0, 2], keepdims=1)
+            return self.op("ReduceMean", [value, self.ints("axes", [2])], keepdims=1)
+        return self.op("ReduceMean", [value], axes=[2], keepdims=1)
+
+    def unsqueeze_front(self, value: str) -> str:
+        """Add a leading axis of size 1."""
+        if self.opset >= 13:
+            return self.op("Unsqueeze", [value, self.ints("axes", [0])])
+        return self.op("Unsqueeze", [value], axes=[0])
 
     def cast(self, value: str, have: int, want: int) -> str:
         """Cast to ``want`` unless the value's type ``have`` already is it."""
@@ -68,7 +75,59 @@ def _epsilon(node: onnx.NodeProto) -> float:
     return _DEFAULT_EPSILON
 
 
+def _to_channel_rows(emit: _Emitter, x: str, channels) -> str:
+    """Reshape (N, C, ...) to (1, C, N*...): one row per channel, batch and space."""
+    if channels == 1:
+        # With one channel the transposed layout is the same memory, so no copy.
+        return emit.op("Reshape", [x, emit.ints("rows_shape", [1, 1, -1])])
+    flat = emit.op("Reshape", [x, emit.ints("flat_shape", [0, 0, -1])])
+    moved = emit.op("Transpose", [flat], perm=[1, 0, 2])
+    rows = emit.op("Reshape", [moved, emit.ints("rows_shape", [0, -1])])
+    return emit.unsqueeze_front(rows)
+
+
+def _from_channel_rows(emit: _Emitter, rows: str, x: str, channels, output: str) -> None:
+    """Undo :func:`_to_channel_rows`: back to the shape of ``x``, written to ``output``."""
+    if channels == 1:
+        emit.op("Reshape", [rows, emit.op("Shape", [x])], output=output)
+        return
+    flat = emit.op("Reshape", [x, emit.ints("flat_shape", [0, 0, -1])])
+    moved_shape = emit.op("Shape", [emit.op("Transpose", [flat], perm=[1, 0, 2])])
+    moved = emit.op("Reshape", [rows, moved_shape])
+    back = emit.op("Transpose", [moved], perm=[1, 0, 2])
+    emit.op("Reshape", [back, emit.op("Shape", [x])], output=output)
+
+
+def _channels(x_type: TensorType | None):
+    if x_type is None or x_type.shape is None or len(x_type.shape) < 2:
+        return None
+    return x_type.shape[1]
+
+
+def _instance_norm(emit: _Emitter, rows: str, scale: str, shift: str, eps: float) -> str:
+    return emit.op("InstanceNormalization", [rows, scale, shift], epsilon=eps)
+
+
+def _normalise_in_double(emit: _Emitter, rows: str, scale: str, shift: str, eps: float) -> str:
+    """The same normalisation in primitive operators: ONNX Runtime's CPU provider has
+    no double InstanceNormalization."""
+    mean = emit.reduce_mean_rows(rows)
+    centred = emit.op("Sub", [rows, mean])
+    variance = emit.reduce_mean_rows(emit.op("Mul", [centred, centred]))
+    eps_tensor = helper.make_tensor("eps", onnx.TensorProto.DOUBLE, [], [eps])
+    std = emit.op("Sqrt", [emit.op("Add", [variance, emit.constant("epsilon", eps_tensor)])])
+    channel_shape = emit.ints("channel_shape", [1, -1, 1])
+    scaled = emit.op("Mul", [emit.op("Div", [centred, std]), emit.op("Reshape", [scale, channel_shape])])
+    return emit.op("Add", [scaled, emit.op("Reshape", [shift, channel_shape])])
+
+
 def _replace(node, names, opset, types: dict[str, TensorType]) -> list[onnx.NodeProto]:
+    """Normalise each channel over batch and space with InstanceNormalization.
+
+    InstanceNormalization over a (1, C, N*S) view computes exactly the per-channel batch
+    mean and biased variance, in one operator instead of a dozen elementwise ones.
+    float16 and bfloat16 inputs are normalised in float32, double inputs in double.
+    """
     x, scale, shift = node.input[0], node.input[1], node.input[2]
     emit = _Emitter(node, names, opset)
     x_type = types.get(x) or types.get(node.output[0])
@@ -79,23 +138,14 @@ def _replace(node, names, opset, types: dict[str, TensorType]) -> list[onnx.Node
             f"'{x}' is unknown, so it cannot be rewritten to batch statistics.",
             "Run onnx.shape_inference on the model, or export it with value types.",
         )
-    # Statistics over a whole batch sum up to millions of values per channel; float64
-    # keeps their rounding error far below the metric's tolerance.
-    work = onnx.TensorProto.DOUBLE
-    flat = emit.op("Reshape", [x, emit.ints("flat_shape", [0, 0, -1])])
-    flat = emit.cast(flat, elem, work)
-    mean = emit.reduce_mean(flat)
-    centred = emit.op("Sub", [flat, mean])
-    variance = emit.reduce_mean(emit.op("Mul", [centred, centred]))
-    eps = helper.make_tensor("eps", work, [], [_epsilon(node)])
-    std = emit.op("Sqrt", [emit.op("Add", [variance, emit.constant("epsilon", eps)])])
-    normalised = emit.op("Div", [centred, std])
-    channel_shape = emit.ints("channel_shape", [1, -1, 1])
-    scale_3d = emit.op("Reshape", [emit.cast(scale, _elem(types, scale), work), channel_shape])
-    shift_3d = emit.op("Reshape", [emit.cast(shift, _elem(types, shift), work), channel_shape])
-    scaled = emit.op("Add", [emit.op("Mul", [normalised, scale_3d]), shift_3d])
-    scaled = emit.cast(scaled, work, elem)
-    emit.op("Reshape", [scaled, emit.op("Shape", [x])], output=node.output[0])
+    work = onnx.TensorProto.DOUBLE if elem == onnx.TensorProto.DOUBLE else onnx.TensorProto.FLOAT
+    channels = _channels(x_type)
+    rows = emit.cast(_to_channel_rows(emit, x, channels), elem, work)
+    scale = emit.cast(scale, _elem(types, scale), work)
+    shift = emit.cast(shift, _elem(types, shift), work)
+    normalise = _normalise_in_double if work == onnx.TensorProto.DOUBLE else _instance_norm
+    normalised = emit.cast(normalise(emit, rows, scale, shift, _epsilon(node)), work, elem)
+    _from_channel_rows(emit, normalised, x, channels, node.output[0])
     return emit.nodes
 
 
@@ -119,9 +169,15 @@ class BatchNormToBatchStatistics:
 
     name = "batchnorm-to-batch-statistics"
 
+    def __init__(self, types: dict[str, TensorType] | None = None) -> None:
+        """``types`` may give the type of every BatchNormalization's input (and of its
+        scale and shift) when the caller knows them; otherwise shape inference runs."""
+        self.types = types
+
     def __call__(self, model: onnx.ModelProto) -> bool:
         opset = main_opset(model)
-        if not any(_is_batchnorm(n) for ref in iter_graphs(model) for n in ref.graph.node):
+        inputs = [n.input[0] for ref in iter_graphs(model) for n in ref.graph.node if _is_batchnorm(n)]
+        if not inputs:
             return False
         if opset < _MIN_OPSET:
             raise RewriteError(
@@ -131,7 +187,8 @@ class BatchNormToBatchStatistics:
             )
         consumers = consumer_map(model)
         graph_outputs = {v.name for ref in iter_graphs(model) for v in ref.graph.output}
-        types = infer_types(model)
+        known = self.types is not None and all(name in self.types for name in inputs)
+        types = self.types if known else infer_types(model)
         names = NameScope(model)
         # Children first: rebuilding a parent node list copies its subgraphs.
         for ref in reversed(list(iter_graphs(model))):

@@ -83,6 +83,10 @@ class _Narrowing:
         self.names = NameScope(model)
         # Identity outputs of constants (exporters share tensors through Identity nodes).
         self.aliases: dict[str, str] = {}
+        # Outputs of convolutions to evaluate as pooling, with their kernel shapes.
+        self.box_filters: dict[str, list[int]] = {}
+        # Narrow types of what BatchNormalization nodes read, for the rewrite after this.
+        self.batchnorm_types: dict[str, TensorType] = {}
 
     def resolve(self, name: str) -> str:
         return self.aliases.get(name, name)
@@ -139,6 +143,18 @@ class _Narrowing:
         self.initializers[fresh] = self.graph.initializer[-1]
         node.input[slot] = fresh
 
+    def note_batchnorm_types(self, node, channels: int) -> None:
+        """Record the narrow types of a BatchNormalization's input, scale and shift."""
+        found = self.types.get(node.input[0])
+        if found is None or found.shape is None:
+            return
+        spatial = (None,) * (len(found.shape) - 2)
+        self.batchnorm_types[node.input[0]] = TensorType(found.elem_type, (None, channels, *spatial))
+        for name in node.input[1:3]:
+            tensor = self.initializers.get(name)
+            if tensor is not None:
+                self.batchnorm_types[name] = TensorType(tensor.data_type, (channels,))
+
     def zero_vector(self, node, slot: int, length: int) -> None:
         """Narrow a bias that must hold only zeros."""
         if slot >= len(node.input) or not node.input[slot]:
@@ -157,6 +173,13 @@ def _conv(nar: _Narrowing, node) -> Structure:
     c_out, per_group, *kernel = weight.dims
     group = _attribute(node, "group", 1)
     narrow_in = len(x)
+    if group == 1 and per_group == sum(x) and _is_box_filter(node, narrow_in, kernel):
+        # One channel in and out with a uniform kernel: a window sum times w * m.
+        ones = (1,) * (2 + len(kernel))
+        nar.set_weight(node, 1, ones, float(x[0] * np.prod(kernel)))
+        nar.zero_vector(node, 2, 1)
+        nar.box_filters[node.output[0]] = kernel
+        return (c_out,)
     if group == 1 and per_group == sum(x):
         multiplier = np.asarray(x, dtype=np.float64).reshape(1, narrow_in, *[1] * len(kernel))
         nar.set_weight(node, 1, (1, narrow_in, *kernel), multiplier)
@@ -170,12 +193,55 @@ def _conv(nar: _Narrowing, node) -> Structure:
     raise NotCovered(f"{_label(node)} is a grouped convolution (group {group})")
 
 
+def _is_box_filter(node: onnx.NodeProto, narrow_in: int, kernel: list[int]) -> bool:
+    """Whether a narrow convolution is a window sum that average pooling computes faster:
+    one input channel, a kernel larger than 1x1 and no dilation."""
+    dilations = _attribute(node, "dilations", [1] * len(kernel))
+    return narrow_in == 1 and int(np.prod(kernel)) > 1 and all(d == 1 for d in dilations)
+
+
+def _box_filter_nodes(nar: _Narrowing, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """Replace a box-filter convolution by AveragePool (zero padding counted) and Mul.
+
+    The mean over the window times w * m * (window size) equals the convolution with the
+    uniform kernel w * m, up to float rounding.
+    """
+    kernel = nar.box_filters[node.output[0]]
+    pooled = nar.names.fresh(f"{node.output[0]}/window_mean")
+    attributes = {"kernel_shape": kernel, "count_include_pad": 1}
+    for name in ("strides", "pads", "auto_pad"):
+        value = _attribute(node, name, None)
+        if value is not None:
+            attributes[name] = value
+    pool = helper.make_node(
+        "AveragePool", [node.input[0]], [pooled], name=nar.names.fresh(f"{node_label(node)}/AveragePool"), **attributes
+    )
+    scale = helper.make_node(
+        "Mul", [pooled, node.input[1]], [node.output[0]], name=nar.names.fresh(f"{node_label(node)}/Mul")
+    )
+    return [pool, scale]
+
+
+def _replace_box_filters(nar: _Narrowing) -> None:
+    if not nar.box_filters:
+        return
+    nodes: list[onnx.NodeProto] = []
+    for node in nar.graph.node:
+        if node.op_type == "Conv" and node.output[0] in nar.box_filters:
+            nodes.extend(_box_filter_nodes(nar, node))
+        else:
+            nodes.append(node)
+    del nar.graph.node[:]
+    nar.graph.node.extend(nodes)
+
+
 def _batchnorm(nar: _Narrowing, node) -> Structure:
     x = nar.structure(node.input[0], node)
     if len(node.output) > 1 and any(node.output[1:]):
         raise NotCovered(f"{_label(node)} has running-statistics outputs")
     nar.set_weight(node, 1, (len(x),), 1.0)
     nar.zero_vector(node, 2, len(x))
+    nar.note_batchnorm_types(node, len(x))
     # Running statistics are ignored by the batch-statistics rewrite that follows.
     for slot, fill in ((3, 0.0), (4, 1.0)):
         stat = nar.constant(node.input[slot])
@@ -340,8 +406,9 @@ def _restore_output(nar: _Narrowing, output: str) -> None:
 
 def narrow_model(
     model: onnx.ModelProto, weights: list[str], output: str
-) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """Return the narrow copy of a rewritten model and its weight multipliers.
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, TensorType]]:
+    """Return the narrow copy of a rewritten model, its weight multipliers and the
+    narrow types of what its BatchNormalization nodes read.
 
     Every narrow weight is a new placeholder; the returned dict maps each one's name to
     its multiplier array (the value is w times the array).
@@ -364,6 +431,7 @@ def narrow_model(
         if rule is None or node.domain not in ("", "ai.onnx"):
             raise NotCovered(f"operator {node.op_type} is not covered")
         nar.structures[node.output[0]] = rule(nar, node)
+    _replace_box_filters(nar)
     _restore_output(nar, output)
     # Other outputs are narrow now, so their declared shapes no longer hold.
     kept = [value for value in copy.graph.output if value.name == output]
@@ -377,7 +445,7 @@ def narrow_model(
         max((len(s) for s in inner), default=0),
         max((sum(s) for s in inner), default=0),
     )
-    return copy, nar.multipliers
+    return copy, nar.multipliers, nar.batchnorm_types
 
 
 class CollapseChannels:
@@ -389,11 +457,12 @@ class CollapseChannels:
         self.weights = weights
         self.output = output
         self.multipliers: dict[str, np.ndarray] = {}
+        self.batchnorm_types: dict[str, TensorType] | None = None
         self.reason: str | None = None
 
     def __call__(self, model: onnx.ModelProto) -> bool:
         try:
-            narrow, self.multipliers = narrow_model(model, self.weights, self.output)
+            narrow, self.multipliers, types = narrow_model(model, self.weights, self.output)
         except NotCovered as error:
             self.reason = str(error)
             log.info("full graph evaluated: %s", error)
@@ -401,4 +470,5 @@ class CollapseChannels:
         model.CopyFrom(narrow)
         # The narrow placeholders replace the full ones, which no operator reads now.
         self.weights = list(self.multipliers)
+        self.batchnorm_types = types
         return True

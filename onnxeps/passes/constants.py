@@ -4,8 +4,9 @@ U(0, 1) values drawn once from the seed.
 :class:`ApplyConstants` runs first on the model the plan was built on (it reads the
 plan's node references). It zeroes biases, fills embeddings, turns Constant-node weights
 into initializers and splits constants read in several roles. The tensors that take w
-stay placeholders, named in ``weight_tensors``. :func:`fill_weights` then makes
-one model per weight value from that template.
+stay placeholders, named in ``weight_tensors``. :func:`weights_as_inputs` turns them
+into graph inputs that :func:`weight_feeds` fills for each weight value, or, where a
+weight sits in a subgraph, :func:`fill_weights` makes one model per weight value.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from onnxeps.passes.base import NameScope
 from onnxeps.plan import Plan, PlanEntry
 from onnxeps.roles import Action
 
-__all__ = ["ApplyConstants", "fill_weights", "weight_cast_warnings"]
+__all__ = [
+    "ApplyConstants", "fill_weights", "weights_as_inputs", "weight_feeds",
+    "weight_cast_warnings",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +65,18 @@ class ApplyConstants:
         graphs = {ref.path: ref.graph for ref in iter_graphs(model)}
         names = NameScope(model)
         types = infer_types(model) if any(e.split for e in entries) else {}
+        initializers = {
+            (path, tensor.name): tensor
+            for path, graph in graphs.items()
+            for tensor in graph.initializer
+        }
         constant_nodes: set[str] = set()
         for entry in entries:
             graph = graphs[entry.graph]
             if entry.split:
                 self._split(entry, graphs, names, types)
             elif entry.source == "initializer":
-                self._replace_initializer(graph, entry)
+                self._replace_initializer(initializers[(entry.graph, entry.tensor)], entry)
             else:
                 constant_nodes.add(entry.tensor)
                 self._add_initializer(graph, entry.tensor, entry)
@@ -79,8 +88,7 @@ class ApplyConstants:
             self.weight_tensors.append(name)
         return _filled(name, shape, elem_type, action, self.rng)
 
-    def _replace_initializer(self, graph: onnx.GraphProto, entry: PlanEntry) -> None:
-        tensor = next(t for t in graph.initializer if t.name == entry.tensor)
+    def _replace_initializer(self, tensor: onnx.TensorProto, entry: PlanEntry) -> None:
         new = self._new_tensor(tensor.name, tensor.dims, tensor.data_type, entry.action)
         tensor.CopyFrom(new)
 
@@ -140,6 +148,17 @@ def _drop_constant_nodes(model: onnx.ModelProto, outputs: set[str]) -> None:
             ref.graph.node.extend(kept)
 
 
+def _weight_array(shape, dtype: np.dtype, weight: float, multiplier) -> np.ndarray:
+    """Return ``weight`` (times the multiplier, in float64) in the tensor's type.
+
+    Callers silence overflow warnings: weight_cast_warnings reports values that become
+    inf in narrow types.
+    """
+    if multiplier is not None:
+        return (weight * multiplier).astype(dtype)
+    return np.full(tuple(shape), weight, dtype=dtype)
+
+
 def fill_weights(
     template: onnx.ModelProto,
     names: list[str],
@@ -157,17 +176,59 @@ def fill_weights(
     multipliers = multipliers or {}
     for ref in iter_graphs(model):
         for tensor in ref.graph.initializer:
-            if tensor.name not in wanted:
-                continue
-            dtype = _np_dtype(tensor.data_type)
-            # Overflow to inf in narrow types is reported by weight_cast_warnings.
-            with np.errstate(over="ignore"):
-                if tensor.name in multipliers:
-                    values = (weight * multipliers[tensor.name]).astype(dtype)
-                else:
-                    values = np.full(tuple(tensor.dims), weight, dtype=dtype)
-            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+            if tensor.name in wanted:
+                dtype = _np_dtype(tensor.data_type)
+                with np.errstate(over="ignore"):
+                    values = _weight_array(tensor.dims, dtype, weight, multipliers.get(tensor.name))
+                tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
     return model
+
+
+WeightSlots = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> WeightSlots | None:
+    """Turn the weight placeholders into graph inputs, so one session serves every w.
+
+    Returns each weight's shape and type, or None, leaving the model unchanged, when a
+    weight sits in a subgraph (a graph input can only feed the main graph's names).
+    Names that the model no longer has (pruned as unused) are skipped.
+    """
+    wanted = set(names)
+    graph = model.graph
+    nested = (
+        tensor.name
+        for ref in iter_graphs(model)
+        if ref.path != "main"
+        for tensor in ref.graph.initializer
+    )
+    if any(name in wanted for name in nested):
+        return None
+    slots: WeightSlots = {}
+    kept = []
+    for tensor in graph.initializer:
+        if tensor.name not in wanted:
+            kept.append(tensor)
+            continue
+        slots[tensor.name] = (tuple(tensor.dims), _np_dtype(tensor.data_type))
+        graph.input.append(
+            helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+        )
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return slots
+
+
+def weight_feeds(
+    slots: WeightSlots, weight: float, multipliers: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Return the input arrays of :func:`weights_as_inputs` for one weight value."""
+    multipliers = multipliers or {}
+    with np.errstate(over="ignore"):
+        return {
+            name: _weight_array(shape, dtype, weight, multipliers.get(name))
+            for name, (shape, dtype) in slots.items()
+        }
 
 
 def weight_cast_warnings(

@@ -22,6 +22,8 @@ class RemoveDropout:
     name = "remove-dropout"
 
     def __call__(self, model: onnx.ModelProto) -> bool:
+        if not any(_is_dropout(n) for ref in iter_graphs(model) for n in ref.graph.node):
+            return False
         consumers = consumer_map(model)
         graph_outputs = {v.name for ref in iter_graphs(model) for v in ref.graph.output}
         names = NameScope(model)
@@ -31,7 +33,7 @@ class RemoveDropout:
         for ref in reversed(list(iter_graphs(model))):
             nodes = []
             for node in ref.graph.node:
-                if node.op_type == "Dropout" and node.domain in ("", "ai.onnx"):
+                if _is_dropout(node):
                     nodes.extend(
                         _replacement(node, consumers, graph_outputs, names, opset)
                     )
@@ -69,3 +71,7 @@ def _replacement(
             )
         )
     return nodes
+
+
+def _is_dropout(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Dropout" and node.domain in ("", "ai.onnx")
