@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxeps.load import referenced_files
+from onnxeps.load import hash_files, referenced_files
 from onnxeps.report import atomic_write_text, json_ready
 from onnxeps.runtime import import_runtime
 from onnxeps.score import ScoreSettings
@@ -47,7 +47,6 @@ KEYED_SETTINGS = tuple(
 )
 # Raise when the key document or the entry layout changes, so old entries are missed.
 _KEY_FORMAT = 1
-_CHUNK_BYTES = 1 << 20
 
 
 def default_cache_dir() -> Path:
@@ -64,22 +63,13 @@ def default_cache_dir() -> Path:
     return base / "onnxeps"
 
 
-def _files_sha256(paths: Iterable[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as stream:
-            while chunk := stream.read(_CHUNK_BYTES):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_sha256(path: str | os.PathLike) -> str:
     """Return the sha256 of a model file followed by its external-data files.
 
     This is the ``sha256`` of the model's score record. Raises OSError when a file
     cannot be read.
     """
-    return _files_sha256(referenced_files(path))
+    return hash_files(referenced_files(path))
 
 
 def _array_identity(array: np.ndarray) -> dict:
@@ -104,7 +94,7 @@ def input_identity(inputs) -> dict | None:
     if isinstance(inputs, dict):
         return {"arrays": {name: _array_identity(inputs[name]) for name in sorted(inputs)}}
     # The path is part of the key because records describe the input as file:PATH.
-    return {"path": os.fspath(inputs), "sha256": _files_sha256([Path(inputs)])}
+    return {"path": os.fspath(inputs), "sha256": hash_files([Path(inputs)])}
 
 
 @functools.cache

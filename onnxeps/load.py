@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from onnx import external_data_helper
 from onnxeps.errors import ModelLoadError
 from onnxeps.graphs import iter_tensors
 
-__all__ = ["LoadedModel", "load_model", "referenced_files", "PROTO_LIMIT_BYTES"]
+__all__ = ["LoadedModel", "load_model", "referenced_files", "hash_files", "PROTO_LIMIT_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ class LoadedModel:
     warnings: list[str] = field(default_factory=list)
 
 
-def _hash_files(paths: list[Path]) -> str:
+def hash_files(paths: Iterable[Path]) -> str:
+    """Return the SHA-256 of the files' bytes, read in order, in chunks."""
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as stream:
@@ -136,12 +137,12 @@ def _invalid_strings(model: onnx.ModelProto) -> Iterator[tuple[_Trail, bytes]]:
     pending: list[tuple[Message, _Trail]] = [(model, None)]
     while pending:
         message, trail = pending.pop()
-        for field, value in _set_fields(message):
-            items = enumerate(value) if field.is_repeated else [(None, value)]
-            name = field.name
-            if field.type == FieldDescriptor.TYPE_MESSAGE:
+        for descriptor, value in _set_fields(message):
+            items = enumerate(value) if descriptor.is_repeated else [(None, value)]
+            name = descriptor.name
+            if descriptor.type == FieldDescriptor.TYPE_MESSAGE:
                 pending.extend((item, (trail, item, name, i)) for i, item in items)
-            elif field.type == FieldDescriptor.TYPE_STRING:
+            elif descriptor.type == FieldDescriptor.TYPE_STRING:
                 for index, item in items:
                     if type(item) is bytes:
                         yield (trail, None, name, index), item
@@ -189,7 +190,7 @@ def _load_path(path: Path, label: str) -> LoadedModel:
     _check_strings(model, label)
     locations = _external_locations(model)
     externals = [_resolve_external(path, loc, label) for loc in locations]
-    sha = _hash_files([path, *externals])
+    sha = hash_files([path, *externals])
     log.debug("loaded %s (%d external files, sha256 %s)", label, len(externals), sha)
     return LoadedModel(model, sha, label, path.parent, _checker_warnings(str(path)))
 

@@ -23,23 +23,10 @@ from onnx import numpy_helper
 
 from onnxeps.cli import main
 from onnxeps.converters import nb201
+from inline_models import CONSTANT as _CONSTANT
+from inline_models import HEADER as _HEADER
+from inline_models import SQUARE as _SQUARE
 
-_HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
-# Nonlinear in w, so that the two runs normalise differently and epsilon is non-zero.
-_SQUARE = """
-square (float[N,3] x) => (float[N,1] y) {
-  h = MatMul (x, w)
-  s = Mul (h, h)
-  y = Add (h, s)
-}
-"""
-# The output is h - h = 0 for every sample, so epsilon is undefined.
-_CONSTANT = """
-constant (float[N,3] x) => (float[N,1] y) {
-  h = MatMul (x, w)
-  y = Sub (h, h)
-}
-"""
 _RELU_ONLY = """
 relu (float[N,3] x) => (float[N,3] y) { y = Relu (x) }
 """

@@ -17,26 +17,13 @@ from onnx import numpy_helper
 
 from onnxeps.cli import main
 from onnxeps.gate import GateCheck, exit_code, relative_drop_pct
+from inline_models import CONSTANT as _CONSTANT
+from inline_models import HEADER as _HEADER
+from inline_models import SQUARE as _SQUARE
 
-_HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
-# Nonlinear in w, so the two runs normalise differently and epsilon is above 0.
-_SQUARE = """
-square (float[N,3] x) => (float[N,1] y) {
-  h = MatMul (x, w)
-  s = Mul (h, h)
-  y = Add (h, s)
-}
-"""
 # Linear in w, so both runs normalise to the same vector and epsilon is exactly 0.
 _LINEAR = """
 linear (float[N,3] x) => (float[N,1] y) { y = MatMul (x, w) }
-"""
-# The output is h - h = 0 for every sample, so epsilon is undefined.
-_CONSTANT = """
-constant (float[N,3] x) => (float[N,1] y) {
-  h = MatMul (x, w)
-  y = Sub (h, h)
-}
 """
 _BATCH = ["--batch-size", "8"]
 _CHECK_KEYS = [
