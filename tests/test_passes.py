@@ -15,7 +15,12 @@ from onnxeps.errors import OnnxepsError, RewriteError
 from onnxeps.graphs import iter_graphs
 from onnxeps.passes.base import NameScope, run_passes
 from onnxeps.passes.batchnorm import BatchNormToBatchStatistics
-from onnxeps.passes.constants import ApplyConstants, fill_weights
+from onnxeps.passes.constants import (
+    ApplyConstants,
+    fill_weights,
+    weight_feeds,
+    weights_as_inputs,
+)
 from onnxeps.passes.dropout import RemoveDropout
 from onnxeps.passes.graph_inputs import DetachInitializerInputs
 from onnxeps.passes.output import (
@@ -485,6 +490,26 @@ def test_fill_weights_sets_value():
     y = check_and_run(filled, {"x": x})[0]
     # At the centre pixel the 3x3x3 kernel covers 27 ones, each times 0.5.
     assert y[0, 0, 3, 3] == pytest.approx(13.5)
+
+
+def test_weights_as_inputs_match_filled_model():
+    model = _conv_model()
+    rewrite, _ = apply_constants(model)
+    filled = fill_weights(model, rewrite.weight_tensors, 0.5)
+    slots = weights_as_inputs(model, [*rewrite.weight_tensors, "pruned"])
+    assert slots == {"w": ((4, 3, 3, 3), np.dtype(np.float32))}
+    assert "w" not in {t.name for t in model.graph.initializer}
+    x = _RNG.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    fed = check_and_run(model, {"x": x} | weight_feeds(slots, 0.5))[0]
+    # Constant kernels are pre-packed, so the sums may round differently.
+    assert np.allclose(fed, check_and_run(filled, {"x": x})[0], rtol=1e-6, atol=1e-6)
+
+
+def test_weight_feeds_apply_multipliers():
+    slots = {"w": ((1, 2), np.dtype(np.float32))}
+    feeds = weight_feeds(slots, 1e-7, {"w": np.array([[16.0, 9.0]])})
+    assert feeds["w"].dtype == np.float32
+    assert np.array_equal(feeds["w"], np.array([[16e-7, 9e-7]], np.float32))
 
 
 def test_apply_constants_nothing_to_rewrite():
