@@ -129,6 +129,18 @@ def cache_key(kind: str, model_sha: str, options: dict, identity: dict | None) -
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# The JSON types of the record fields that later steps read.
+_RECORD_TYPES = {
+    "sha256": str,
+    "epsilon": (int, float, type(None)),
+    "reason": (str, type(None)),
+    "weights": list,
+    "batch_size": int,
+    "warnings": list,
+    "seconds": (int, float),
+}
+
+
 class ResultCache:
     """Score records stored as ``FOLDER/<first two hex digits>/<key>.json``.
 
@@ -164,6 +176,14 @@ class ResultCache:
         missing = [name for name in required if name not in record]
         if missing:
             log.debug("ignoring cache entry %s: no %s", path, ", ".join(missing))
+            return None
+        wrong = [
+            name
+            for name, kinds in _RECORD_TYPES.items()
+            if name in record and not isinstance(record[name], kinds)
+        ]
+        if wrong:
+            log.debug("ignoring cache entry %s: wrong type of %s", path, ", ".join(wrong))
             return None
         return record
 

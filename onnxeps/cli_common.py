@@ -8,6 +8,7 @@ error (commands with their own convention, such as ``gate``, say so).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -116,9 +117,17 @@ def streamed_output_options(function):
     )
 
 
+def _resolved(path) -> Path:
+    """Return the path with symlinks resolved, or made absolute when they loop."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
 def check_folder(path: str | None) -> None:
     """Fail before any work when an output file's folder does not exist."""
-    if path is not None and not Path(path).resolve().parent.is_dir():
+    if path is not None and not _resolved(path).parent.is_dir():
         raise click.UsageError(f"{path}: folder {str(Path(path).parent)!r} does not exist.")
 
 
@@ -126,10 +135,27 @@ def protect_inputs(output_path: str | None, inputs) -> None:
     """Fail when an output file would replace an input (a model, its data, a batch)."""
     if output_path is None:
         return
-    target = Path(output_path).resolve()
+    target = _file_identity(output_path)
     for path in inputs:
-        if path is not None and Path(path).resolve() == target:
+        if path is not None and target is not None and _file_identity(path) == target:
             raise click.UsageError(f"{output_path} would overwrite the input file {path}.")
+
+
+def _file_identity(path) -> tuple | None:
+    """Return what makes a path the same file: device and inode when it exists (hard
+    links and symlinks included), else the resolved path; None when it cannot resolve."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):  # a symlink loop, a name too long, a NUL byte
+        return None
+    else:
+        return ("inode", found.st_dev, found.st_ino)
+    try:
+        return ("path", str(Path(path).resolve()))
+    except (OSError, RuntimeError):
+        return None
 
 
 def model_files(models, output_path: str) -> list[Path]:
@@ -141,12 +167,15 @@ def model_files(models, output_path: str) -> list[Path]:
     """
     from onnxeps.load import referenced_files
 
-    folder = Path(output_path).resolve().parent
+    folder = _resolved(output_path).parent
     above = {folder, *folder.parents}
     files = []
     for model in models:
         path = Path(model)
-        near = path.is_file() and path.resolve().parent in above
+        try:
+            near = path.is_file() and path.resolve().parent in above
+        except (OSError, RuntimeError):  # a symlink loop or a name too long: scoring reports it
+            near = False
         files += referenced_files(path) if near else [path]
     return files
 
@@ -169,11 +198,13 @@ def resolve_format(fmt: str | None, output_path: str | None, models) -> str:
 
 
 def write_or_fail(text: str, path: str | None, exit_code: int = 1) -> None:
-    """Write records, turning a failed file write into one error line and an exit."""
+    """Write records, turning a failed write (file or stdout) into one error line and
+    an exit."""
     try:
         write_output(text, path)
     except OSError as error:
-        log.error("cannot write %s: %s", path, error.strerror or error)
+        target = "stdout" if path is None else path
+        log.error("cannot write %s: %s", target, error.strerror or error)
         sys.exit(exit_code)
 
 
@@ -203,7 +234,7 @@ _OPTIONS = [
     click.option("--synthetic", type=click.Choice(SYNTHETIC_KINDS), help="Synthetic input kind for every input. [default: grey for float inputs, tokens for integer inputs]"),
     click.option("--batch-size", type=click.IntRange(min=1), help=f"Samples in the batch. [default: {DEFAULT_BATCH_SIZE}, or all samples of --input]"),
     click.option("--seq-len", type=click.IntRange(min=1), default=DEFAULT_SEQ_LEN, show_default=True, help="Length of symbolic sequence axes of synthetic inputs."),
-    click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of synthetic inputs and embedding tables."),
+    click.option("--seed", type=click.IntRange(min=0), default=DEFAULT_SEED, show_default=True, help="Seed of synthetic inputs and embedding tables."),
     click.option("--output-name", help="Tensor to score. [default: the first graph output, or the preset's]"),
     click.option("--mean", callback=parse_floats, help="Per-channel mean in [0, 1] units for uint8 NHWC images, e.g. 0.49,0.48,0.45."),
     click.option("--std", callback=parse_floats, help="Per-channel std in [0, 1] units for uint8 NHWC images."),

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from contextlib import closing
 from pathlib import Path
 
 import click
@@ -20,7 +22,8 @@ import click
 from onnxeps.cli_common import progress_printer, write_or_fail
 from onnxeps.engine import ENGINES, Job, Outcome, Task, default_jobs, run_jobs
 from onnxeps.errors import OnnxepsError
-from onnxeps.report import render
+from onnxeps.report import encode_text, render
+from onnxeps.score import RECORD_KEYS
 
 __all__ = [
     "CollectedRecords",
@@ -45,11 +48,20 @@ _GLOB_CHARACTERS = frozenset("*?[")
 def _read_list(path: str) -> list[str]:
     """Return the paths of a --list file: one a line, blank and # lines skipped."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise click.UsageError(f"cannot read the model list {path}: {error}") from None
-    lines = (line.strip() for line in text.splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
+    paths = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if "\0" in line:
+            raise click.UsageError(
+                f"model list {path}: line {number} contains a NUL byte, which no file "
+                "path can contain; remove it."
+            )
+        if line and not line.startswith("#"):
+            paths.append(line)
+    return paths
 
 
 def _onnx_files_below(folder: str) -> list[str]:
@@ -137,48 +149,100 @@ class CollectedRecords:
         write_or_fail(render(records, self.fmt, self.columns, self.table_columns), self.path)
 
 
-def _drop_partial_line(path: Path) -> None:
-    """Truncate the file after its last newline: an interrupted write leaves a part."""
-    data = path.read_bytes()
+_NOT_RECORDS_HINT = "Pass another -o FILE, or rerun without --resume to replace the file."
+
+
+class RecordWriteError(OnnxepsError):
+    """A record could not be written to the streamed -o file."""
+
+
+def _split_complete_lines(data: bytes) -> tuple[bytes, bytes]:
+    """Split the file content after its last newline: an interrupted write leaves a
+    part of a line after it."""
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        log.info("%s: dropping an incomplete last line (%d bytes)", path, len(data) - end)
-        with open(path, "r+b") as stream:
-            stream.truncate(end)
+    return data[:end], data[end:]
 
 
-def _read_json_lines(path: Path) -> list[dict]:
-    records = []
-    with open(path, encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            try:
-                record = json.loads(line)
-            except ValueError as error:
-                raise OnnxepsError(
-                    f"{path}: line {number} is not a JSON record ({error}).",
-                    "Delete the line, or rerun without --resume to replace the file.",
-                ) from None
-            if not isinstance(record, dict) or "model" not in record:
-                raise OnnxepsError(
-                    f"{path}: line {number} is not a score record (no 'model' key).",
-                    "Delete the line, or rerun without --resume to replace the file.",
-                )
-            records.append(record)
-    return records
+def _decode(data: bytes) -> str:
+    # surrogateescape keeps the bytes of model paths that are not UTF-8, which the
+    # CSV sink writes as they are (JSON Lines escapes them).
+    return data.decode("utf-8", errors="surrogateescape")
 
 
-def _read_csv_rows(path: Path, columns: Sequence[str]) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as stream:
-        reader = csv.DictReader(stream)
-        rows = list(reader)
-        header = reader.fieldnames
-    if header is not None and list(header) != list(columns):
+def _check_score_record(path: Path, number: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except ValueError as error:
         raise OnnxepsError(
-            f"{path}: the CSV header is not the score record's columns, so the file was "
-            "not written by onnxeps score.",
-            "Pass another -o FILE, or rerun without --resume to replace the file.",
+            f"{path}: line {number} is not a JSON record ({error}).",
+            "Delete the line, or rerun without --resume to replace the file.",
+        ) from None
+    missing = [key for key in RECORD_KEYS if not isinstance(record, dict) or key not in record]
+    if missing or not isinstance(record["model"], str):
+        problem = f"no {missing[0]!r} key" if missing else "'model' is not a string"
+        raise OnnxepsError(
+            f"{path}: line {number} is not an onnxeps score record ({problem}).",
+            _NOT_RECORDS_HINT,
         )
-    return [row | {"epsilon": row["epsilon"] or None} for row in rows]
+    return record
+
+
+def _parse_json_lines(path: Path, text: str) -> list[dict]:
+    lines = text.split("\n")[:-1]  # the text ends with a newline, or is empty
+    return [_check_score_record(path, number, line) for number, line in enumerate(lines, start=1)]
+
+
+def _check_json_tail(path: Path, number: int, tail: str) -> None:
+    """Reject a last line that cannot be the start of a score record."""
+    start = '{"model": '
+    if not (tail.startswith(start) or start.startswith(tail)):
+        raise OnnxepsError(
+            f"{path}: line {number} is not a JSON score record and does not end with "
+            "a newline.",
+            _NOT_RECORDS_HINT,
+        )
+
+
+def _parse_csv(path: Path, text: str, tail: str, columns: Sequence[str]) -> list[dict]:
+    rows = list(csv.reader(io.StringIO(text)))
+    header_line = render([], "csv", columns)
+    header_matches = rows[0] == list(columns) if rows else header_line.startswith(tail)
+    if not header_matches:
+        raise OnnxepsError(
+            f"{path}: line 1, the CSV header, is not the score record's columns, so the "
+            "file was not written by onnxeps score.",
+            _NOT_RECORDS_HINT,
+        )
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(columns):
+            raise OnnxepsError(
+                f"{path}: CSV row {number} has {len(row)} fields, not the score record's "
+                f"{len(columns)}.",
+                _NOT_RECORDS_HINT,
+            )
+    records = [dict(zip(columns, row)) for row in rows[1:]]
+    return [record | {"epsilon": record["epsilon"] or None} for record in records]
+
+
+def _read_records(path: Path, fmt: str, columns: Sequence[str]) -> list[dict]:
+    """Return the records of a file written by ``onnxeps score``, dropping an
+    incomplete last line only once every complete line checked out.
+
+    Raises OnnxepsError, leaving the file unchanged, when it is not such a file.
+    """
+    complete, partial = _split_complete_lines(path.read_bytes())
+    text, tail = _decode(complete), _decode(partial)
+    if fmt == "csv":
+        records = _parse_csv(path, text, tail, columns)
+    else:
+        records = _parse_json_lines(path, text)
+        if tail:
+            _check_json_tail(path, len(records) + 1, tail)
+    if partial:
+        log.info("%s: dropping an incomplete last line (%d bytes)", path, len(partial))
+        with open(path, "r+b") as stream:
+            stream.truncate(len(complete))
+    return records
 
 
 def _csv_line(record: dict, columns: Sequence[str]) -> str:
@@ -198,20 +262,24 @@ class StreamedRecords:
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resume else os.O_TRUNC)
         self._fd = os.open(self.path, flags, 0o666)
         if fmt == "csv" and os.fstat(self._fd).st_size == 0:
-            self._write(render([], "csv", columns))
+            try:
+                self._write(render([], "csv", columns))
+            except RecordWriteError:
+                self.close()
+                raise
 
     def _read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        _drop_partial_line(self.path)
-        if self.fmt == "csv":
-            return _read_csv_rows(self.path, self.columns)
-        return _read_json_lines(self.path)
+        return _read_records(self.path, self.fmt, self.columns)
 
     def _write(self, text: str) -> None:
-        data = text.encode("utf-8")
-        while data:
-            data = data[os.write(self._fd, data):]
+        data = encode_text(text)
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as error:
+            raise RecordWriteError(f"cannot write {self.path}: {error.strerror or error}") from None
 
     def add(self, record: dict, index: int) -> None:
         if self.fmt == "csv":
@@ -281,15 +349,21 @@ def summarise(records: list[dict], total: int, quiet: int) -> None:
 def score_into(sink, paths: list[str], task: Task, *, workers: int, engine: str, address) -> list[dict]:
     """Score the paths through the engine into the sink and return the new records.
 
-    An engine that fails to start exits with status 1. Ctrl-C stops the workers,
+    An engine that fails to start, or a failed write to a streamed file, exits with
+    status 1; the write failure stops the workers first. Ctrl-C stops the workers,
     closes the sink (a streamed file keeps every whole record) and exits with status
     130.
     """
     bar, update = progress_printer("scoring")
     jobs = [Job.file(path) for path in paths]
+    outcomes = run_jobs(jobs, task, workers=workers, engine=engine, address=address)
     try:
-        outcomes = run_jobs(jobs, task, workers=workers, engine=engine, address=address)
-        records = consume(outcomes, sink, len(jobs), update)
+        with closing(outcomes):  # closing stops the workers when the loop ends early
+            records = consume(outcomes, sink, len(jobs), update)
+    except RecordWriteError as error:
+        sink.close()
+        log.error("%s", error)
+        raise SystemExit(1) from None
     except OnnxepsError as error:  # the engine could not start, e.g. ray is missing
         log.error("%s", error)
         raise SystemExit(1) from None

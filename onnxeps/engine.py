@@ -9,12 +9,15 @@ that fails comes back as a one-line error and never stops the others.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import multiprocessing
 import os
 import signal
+import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -34,8 +37,8 @@ from onnxeps.cache import (
     model_sha256,
 )
 from onnxeps.errors import OnnxepsError
-from onnxeps.runtime import import_runtime
 from onnxeps.limits import AUTO, available_memory
+from onnxeps.runtime import import_runtime
 from onnxeps.score import RECORD_KEYS, ScoreResult, score
 
 __all__ = [
@@ -63,6 +66,8 @@ R = TypeVar("R")
 # Pool restarts allowed in a row without one item completing. After that, every item
 # not yet run is reported as not scored.
 _MAX_CRASHES_IN_A_ROW = 3
+# How often a worker checks that the process that started the pool still exists.
+_PARENT_POLL_SECONDS = 1.0
 _COST_KEYS = ("params", "macs")
 
 
@@ -197,19 +202,20 @@ def _model_of(job: Job, task: Task) -> str | onnx.ModelProto:
     return build_encoded(job.space, job.encoding, task.options)
 
 
-def _key_of(job: Job, model, task: Task) -> str | None:
-    """Return the job's cache key, or None when the cache is off or the model unreadable."""
+def _key_of(job: Job, model, task: Task) -> tuple[str, str] | None:
+    """Return the job's cache key and the model hash it was made from, or None when the
+    cache is off or the model unreadable."""
     if task.cache_dir is None:
         return None
     if job.space is not None:
         sha = hashlib.sha256(model.SerializeToString()).hexdigest()
-        return cache_key("bench", sha, task.options, task.input_identity)
+        return cache_key("bench", sha, task.options, task.input_identity), sha
     try:
         sha = model_sha256(model)
     except OSError as error:  # scoring reports the missing or unreadable file
         log.debug("%s: not looked up in the result cache: %s", job.label, error)
         return None
-    return cache_key("score", sha, task.options, task.input_identity)
+    return cache_key("score", sha, task.options, task.input_identity), sha
 
 
 def _required_keys(job: Job) -> tuple[str, ...]:
@@ -218,10 +224,10 @@ def _required_keys(job: Job) -> tuple[str, ...]:
 
 def _score_job(job: Job, task: Task) -> Outcome:
     model = _model_of(job, task)
-    key = _key_of(job, model, task)
+    key, sha = _key_of(job, model, task) or (None, None)
     if key is not None:
         stored = ResultCache(task.cache_dir).load(key, _required_keys(job))
-        if stored is not None:
+        if stored is not None and stored["sha256"] == sha:
             return Outcome(job.label, record=stored | {"model": job.label}, cached=True)
     result = score(model, task.inputs, **task.options)
     record = result.record() | {"model": job.label}
@@ -229,7 +235,9 @@ def _score_job(job: Job, task: Task) -> Outcome:
         from onnxeps.bench import cost_columns
 
         record |= cost_columns(model, result.parameters)
-    return Outcome(job.label, record=record, cache_key=key)
+    # A file replaced between hashing and scoring must not be cached under the old hash.
+    keep = key if record["sha256"] == sha else None
+    return Outcome(job.label, record=record, cache_key=keep)
 
 
 # ----- mapping over workers -----
@@ -242,11 +250,29 @@ def _map_in_process(function, items, initializer) -> Iterator[tuple[int, R]]:
         yield index, function(item)
 
 
-def _start_pool_worker(initializer) -> None:
+def _start_pool_worker(initializer, parent: int) -> None:
     # The parent stops the workers on Ctrl-C, so a worker never dies of it mid-item.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     if initializer is not None:
         initializer()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker once the process that started the pool is gone (killed by a
+    signal it cannot handle), so that no worker outlives its run."""
+    while True:
+        time.sleep(_PARENT_POLL_SECONDS)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # the pid now belongs to another user's process
+            os._exit(1)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _new_executor(workers: int, initializer) -> ProcessPoolExecutor:
@@ -262,7 +288,7 @@ def _new_executor(workers: int, initializer) -> ProcessPoolExecutor:
         context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(
         workers, mp_context=context, initializer=_start_pool_worker,
-        initargs=(initializer,),
+        initargs=(initializer, os.getpid()),
     )  # fmt: skip
 
 
@@ -272,6 +298,20 @@ def _terminate(executor: ProcessPoolExecutor) -> None:
     for process in list((executor._processes or {}).values()):
         process.terminate()
     executor.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """Turn SIGTERM into SystemExit while a pool runs, so that the pool is stopped as on
+    Ctrl-C instead of leaving its workers behind (only the main thread can do this)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _PoolMap:
@@ -292,6 +332,10 @@ class _PoolMap:
         self.crashes_in_a_row = 0
 
     def results(self) -> Iterator[tuple[int, object]]:
+        with _terminate_as_exit():
+            yield from self._results()
+
+    def _results(self) -> Iterator[tuple[int, object]]:
         while self.waiting or self.suspects:
             if self.crashes_in_a_row >= _MAX_CRASHES_IN_A_ROW:
                 yield from self._abandon()

@@ -98,6 +98,16 @@ def _parse(path: Path, label: str) -> onnx.ModelProto:
     return model
 
 
+def _checkable(path: Path, model: onnx.ModelProto) -> str | onnx.ModelProto:
+    """Return the path for onnx.checker, or the loaded model when the checker cannot
+    take the file name (it accepts UTF-8 names only)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return model
+    return str(path)
+
+
 def _checker_warnings(model: str | onnx.ModelProto) -> list[str]:
     """Run onnx.checker (by path for files, so models over 2 GB work)."""
     try:
@@ -192,7 +202,7 @@ def _load_path(path: Path, label: str) -> LoadedModel:
     externals = [_resolve_external(path, loc, label) for loc in locations]
     sha = hash_files([path, *externals])
     log.debug("loaded %s (%d external files, sha256 %s)", label, len(externals), sha)
-    return LoadedModel(model, sha, label, path.parent, _checker_warnings(str(path)))
+    return LoadedModel(model, sha, label, path.parent, _checker_warnings(_checkable(path, model)))
 
 
 def referenced_files(path: str | os.PathLike) -> list[Path]:

@@ -20,6 +20,7 @@ __all__ = [
     "write_output",
     "atomic_write",
     "atomic_write_text",
+    "encode_text",
     "json_ready",
 ]
 
@@ -121,13 +122,18 @@ def _umask() -> int:
     return current
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file so that readers see the old content or the new, never a part.
+def encode_text(text: str) -> bytes:
+    """Encode text as UTF-8, writing the surrogate escapes of undecodable path bytes
+    back as the original bytes."""
+    return text.encode("utf-8", errors="surrogateescape")
 
-    ``write`` fills a temporary file in the target's folder, which then replaces the
-    target; the file gets the usual permissions (0666 less the umask).
-    """
-    target = Path(path)
+
+def _write_in_place(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    with open(path, "wb") as stream:
+        write(stream)
+
+
+def _replace_atomically(target: Path, write: Callable[[IO[bytes]], None]) -> None:
     folder = target.parent if str(target.parent) else Path(".")
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
     try:
@@ -140,15 +146,44 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         raise
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file so that readers see the old content or the new, never a part.
+
+    ``write`` fills a temporary file in the target's folder, which then replaces the
+    target; the file gets the usual permissions (0666 less the umask). A symlink is
+    followed, so the file it points to is replaced and the link kept. A target that
+    exists but is not a regular file (a FIFO, a device) is written in place, not
+    atomically, because replacing it would put a regular file where it was.
+    """
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        _write_in_place(target, write)
+    else:
+        _replace_atomically(target, write)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 text atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
+    """Write text atomically (see :func:`atomic_write` and :func:`encode_text`)."""
+    atomic_write(path, lambda stream: stream.write(encode_text(text)))
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream, e.g. one a test put in place
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    buffer.write(encode_text(text))
+    buffer.flush()
 
 
 def write_output(text: str, path: str | os.PathLike | None) -> None:
-    """Write rendered records to the file, or to stdout when path is None."""
+    """Write rendered records to the file, or to stdout when path is None.
+
+    Both get UTF-8 bytes; see :func:`encode_text` for paths that are not UTF-8.
+    """
     if path is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        _write_stdout(text)
     else:
         atomic_write_text(path, text)

@@ -46,8 +46,10 @@ def exit_first_time(item: tuple[int, str | None]) -> int:
     return value
 
 
-def touch_after_sleep(path: str) -> str:
-    """Create the file after one second, so a task cancelled in time leaves no file."""
-    time.sleep(1.0)
+def touch_after_sleep(item: tuple[str, float]) -> str:
+    """Create the file at ``item[0]`` after ``item[1]`` seconds, so a task cancelled in
+    time leaves no file."""
+    path, seconds = item
+    time.sleep(seconds)
     Path(path).touch()
     return path

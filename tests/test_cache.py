@@ -229,3 +229,9 @@ def test_entry_rewrite_replaces_whole_file(tmp_path):
     cache.store(KEY, RECORD)
     entry = json.loads(Path(tmp_path / KEY[:2] / f"{KEY}.json").read_text())
     assert entry == {"key": KEY, "record": RECORD}
+
+
+def test_load_wrong_type_is_miss(tmp_path):
+    cache = ResultCache(tmp_path)
+    cache.store(KEY, {"model": "m.onnx", "sha256": "a" * 64, "epsilon": 0.5, "warnings": 5})
+    assert cache.load(KEY, ["model", "epsilon"]) is None

@@ -7,13 +7,18 @@ traceback. The exit code is 1 for bad input and 2 for bad usage.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
 import logging
+import os
 import signal
+import stat
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,6 +27,8 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from onnxeps.cli import main
+from onnxeps.cli_common import write_or_fail
+from onnxeps.cli_score import StreamedRecords
 from onnxeps.converters import nb201
 from inline_models import CONSTANT as _CONSTANT
 from inline_models import HEADER as _HEADER
@@ -501,6 +508,23 @@ def test_score_list_file(tmp_path, square):
     assert [r["model"] for r in json_records(result.stdout)] == [other, square]
 
 
+def test_score_list_file_byte_order_mark(tmp_path, square):
+    listing = tmp_path / "models.txt"
+    listing.write_text(f"{square}\n", encoding="utf-8-sig")
+    result = invoke("score", "--list", str(listing), "--format", "json", "--batch-size", "8")
+    assert result.exit_code == 0, result.stderr
+    assert [r["model"] for r in json_records(result.stdout)] == [square]
+
+
+def test_score_list_file_nul_usage_error(tmp_path, square):
+    listing = tmp_path / "models.txt"
+    listing.write_text(f"{square}\nbad\0name.onnx\n")
+    result = invoke("score", "--list", str(listing), "--batch-size", "8")
+    assert result.exit_code == 2
+    assert f"model list {listing}: line 2 contains a NUL byte" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_score_duplicates_scored_once(tmp_path, monkeypatch, square):
     monkeypatch.chdir(tmp_path)
     listing = tmp_path / "models.txt"
@@ -697,9 +721,14 @@ def test_score_resume_needs_streamed_file(tmp_path, monkeypatch, square, output)
     assert "--resume needs -o FILE with format json or csv" in result.stderr
 
 
+def record_line(model) -> str:
+    """Return a JSON Lines score record for the model, with every record key."""
+    return json.dumps(dict.fromkeys(_SCORE_KEYS) | {"model": model}) + "\n"
+
+
 def test_score_resume_invalid_line_exits_one(tmp_path, square):
     target = tmp_path / "records.jsonl"
-    target.write_text('{"model": "a.onnx"}\nnot json\n{"model": "b.onnx"}\n')
+    target.write_text(record_line("a.onnx") + "not json\n" + record_line("b.onnx"))
     result = invoke("score", square, "-o", str(target), "--resume", "--batch-size", "8")
     assert_one_error_line(result, str(target), "line 2 is not a JSON record")
     assert target.read_text().count("\n") == 3
@@ -710,6 +739,123 @@ def test_score_resume_foreign_csv_exits_one(tmp_path, square):
     target.write_text("name,value\nx,1\n")
     result = invoke("score", square, "-o", str(target), "--resume", "--batch-size", "8")
     assert_one_error_line(result, str(target), "CSV header")
+
+
+def resume_rejects(target, square, *fragments: str) -> None:
+    """Check --resume on the target fails in one line and leaves its bytes as they were."""
+    before = target.read_bytes()
+    result = invoke("score", square, "-o", str(target), "--resume", "--batch-size", "8")
+    assert_one_error_line(result, str(target), *fragments)
+    assert target.read_bytes() == before
+
+
+def test_score_resume_notes_file_unchanged(tmp_path, square):
+    target = tmp_path / "notes.jsonl"
+    target.write_text("just some notes\nno trailing newline here")
+    resume_rejects(target, square, "line 1 is not a JSON record")
+
+
+def test_score_resume_binary_file_unchanged(tmp_path, square):
+    target = tmp_path / "random.jsonl"
+    target.write_bytes(bytes(range(256))[::-1] * 2)
+    resume_rejects(target, square, "line 1 is not a JSON record")
+
+
+def test_score_resume_foreign_last_line_unchanged(tmp_path, square):
+    target = tmp_path / "records.jsonl"
+    target.write_text(record_line("a.onnx") + "notes after the records")
+    resume_rejects(target, square, "line 2 is not a JSON score record")
+
+
+def test_score_resume_plan_records_rejected(tmp_path, square):
+    target = tmp_path / "plan.jsonl"
+    planned = invoke("plan", square, "--format", "json", "-o", str(target))
+    assert planned.exit_code == 0, planned.stderr
+    resume_rejects(target, square, "line 1 is not an onnxeps score record", "'sha256'")
+
+
+def test_score_resume_model_not_string(tmp_path, square):
+    target = tmp_path / "records.jsonl"
+    target.write_text(record_line(["a.onnx"]))
+    resume_rejects(target, square, "line 1", "'model' is not a string")
+
+
+def test_score_resume_csv_short_row_unchanged(tmp_path, square):
+    target = tmp_path / "records.csv"
+    target.write_text(",".join(_SCORE_KEYS) + "\na.onnx,abc\n")
+    resume_rejects(target, square, "row 2 has 2 fields")
+
+
+def test_streamed_csv_undecodable_model_path(tmp_path):
+    # A folder listing gives a file name that is not UTF-8 as surrogate escapes.
+    model = os.fsdecode(b"m\xff.onnx")
+    target = tmp_path / "records.csv"
+    sink = StreamedRecords("csv", str(target), _SCORE_KEYS, resume=False)
+    sink.add(dict.fromkeys(_SCORE_KEYS) | {"model": model}, 0)
+    sink.close()
+    assert target.read_bytes().splitlines()[1].startswith(b"m\xff.onnx,")
+    resumed = StreamedRecords("csv", str(target), _SCORE_KEYS, resume=True)
+    resumed.close()
+    assert list(resumed.previous) == [model]
+
+
+def test_score_failed_stream_write_one_line(tmp_path, monkeypatch, square):
+    other = write_model(tmp_path, "other.onnx", _SQUARE)
+    target = tmp_path / "records.jsonl"
+    real_write, records_written = os.write, []
+
+    def write_until_full(fd, data):
+        if data.startswith(b'{"model"'):
+            if records_written:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            records_written.append(data)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write_until_full)
+    result = invoke("score", square, other, "-o", str(target), "--batch-size", "8", "-j", "1", "-q")
+    assert_one_error_line(result, f"cannot write {target}: No space left on device")
+    assert [r["model"] for r in json_records(target.read_text())] == [square]
+
+
+def test_score_table_through_symlink(tmp_path, square):
+    real = tmp_path / "real.txt"
+    real.write_text("old\n")
+    link = tmp_path / "link.txt"
+    link.symlink_to(real)
+    result = invoke("score", square, "-o", str(link), "--batch-size", "8")
+    assert result.exit_code == 0, result.stderr
+    assert link.is_symlink()
+    assert os.readlink(link) == str(real)
+    assert real.read_text().startswith("model ")
+
+
+def test_score_table_into_fifo(tmp_path, square):
+    fifo = tmp_path / "records.txt"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    result = invoke("score", square, "-o", str(fifo), "--batch-size", "8")
+    if reader.is_alive():  # unblock the reader when the FIFO was never opened
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    reader.join(timeout=30)
+    assert result.exit_code == 0, result.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert received and received[0].startswith(b"model ")
+
+
+def test_write_or_fail_stdout_named(monkeypatch, caplog):
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    broken = open(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", broken)
+    with pytest.raises(SystemExit) as stopped:
+        write_or_fail("record\n", None)
+    assert stopped.value.code == 1
+    assert "cannot write stdout: Broken pipe" in caplog.text
+    monkeypatch.undo()
+    with pytest.raises(BrokenPipeError):  # the text still in its buffer
+        broken.close()
 
 
 def test_score_cache_hit_same_record(tmp_path, square):
@@ -844,3 +990,58 @@ def test_plan_output_onto_model_usage_error(square):
     result = invoke("plan", square, "-o", square, "--format", "json")
     assert result.exit_code == 2
     assert "would overwrite the input file" in result.stderr
+
+
+def _group_members(group: int) -> list[int]:
+    """Return the live processes of a process group, from /proc."""
+    members = []
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while listed
+            continue
+        if fields[0] != "Z" and int(fields[2]) == group:
+            members.append(int(status.parent.name))
+    return members
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_score_stopped_leaves_no_workers(cell_dir, tmp_path, stop):
+    import time
+
+    target = tmp_path / "records.jsonl"
+    command = [sys.executable, "-c", "from onnxeps.cli import main; main()", "score",
+               str(cell_dir), "--batch-size", "64", "-o", str(target), "--no-cache", "-j", "2"]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    _wait_for_first_record(target, process)
+    process.send_signal(stop)
+    process.wait(timeout=60)
+    assert process.returncode in (128 + stop, -stop)
+    end = time.monotonic() + 20
+    while _group_members(process.pid) and time.monotonic() < end:
+        time.sleep(0.2)
+    assert _group_members(process.pid) == []
+    process.communicate(timeout=10)
+    json_records(target.read_bytes()[: target.read_bytes().rfind(b"\n") + 1].decode())
+
+
+def test_score_output_hard_link_to_model(tmp_path, square):
+    link = tmp_path / "link.json"
+    os.link(square, link)
+    before = Path(square).read_bytes()
+    result = invoke("score", square, "-o", str(link), "--batch-size", "8")
+    assert result.exit_code == 2
+    assert "would overwrite the input file" in result.stderr
+    assert Path(square).read_bytes() == before
+
+
+def test_score_non_utf8_file_name(tmp_path, square):
+    name = os.fsdecode(b"bad\xff.onnx")
+    path = tmp_path / name
+    path.write_bytes(Path(square).read_bytes())
+    result = invoke("score", str(path), "--batch-size", "8", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert "onnx.checker" not in result.stderr

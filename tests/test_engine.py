@@ -320,3 +320,21 @@ def test_local_workers_share_available_memory(monkeypatch):
     assert "memory_limit" not in engine._share_machine(task, "ray", 4).options
     given = make_task(None, {"memory_limit": 10**9}, cache=False)
     assert engine._share_machine(given, "local", 4).options["memory_limit"] == 10**9
+
+
+def test_file_changed_while_scored_not_cached(tmp_path, monkeypatch):
+    from onnxeps import engine
+
+    path = write_model(tmp_path, "m.onnx")
+    real = engine.score
+
+    def replaced_meanwhile(model, *args, **kwargs):
+        result = real(model, *args, **kwargs)
+        result.sha256 = "0" * 64  # the bytes scored are not the bytes hashed for the key
+        return result
+
+    monkeypatch.setattr(engine, "score", replaced_meanwhile)
+    start_worker(score_task(cache=True))
+    outcome = run_job(Job.file(path))
+    assert outcome.record is not None
+    assert outcome.cache_key is None

@@ -2,7 +2,8 @@
 
 One Ray instance of two CPUs serves the module. It listens on loopback only, runs
 without token authentication and keeps its files in a short folder under
-``<repo>/.ray-tmp``, because Ray's socket paths must stay under about 100 characters.
+``<repo>/.ray-tmp``, or under the system's temporary folder when the checkout's path is
+too long for Ray's socket paths (107 characters).
 Tests of starting, connecting and failing to connect run a separate driver process,
 because one process can hold one Ray connection only.
 """
@@ -53,9 +54,19 @@ RAY_ENVIRONMENT = {
 }
 
 
+# Ray puts sockets at TEMP/ray/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store,
+# 68 characters below TEMP, and Linux allows 107 in a socket path.
+_MAX_TEMP_CHARS = 107 - 68
+
+
 def _short_temp_dir() -> Path:
-    RAY_TMP_ROOT.mkdir(exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="t", dir=RAY_TMP_ROOT))
+    """Make a Ray temporary folder in the work tree, or under /tmp when the work tree's
+    path is too long for Ray's socket paths."""
+    root = RAY_TMP_ROOT
+    if len(str(root)) + len("/t12345678") > _MAX_TEMP_CHARS:
+        root = Path(tempfile.gettempdir()) / "oe-ray"
+    root.mkdir(exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="t", dir=root))
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +177,16 @@ def test_exited_worker_reported_as_worker_lost(ray_instance, tmp_path):
 
 
 def test_interrupt_cancels_outstanding_tasks(ray_instance, tmp_path):
-    paths = [str(tmp_path / f"item{index}") for index in range(6)]
+    # The first two items end after 1 s; the others would write their file after 4 s
+    # more, which leaves a loaded machine ample time to cancel them.
+    items = [(str(tmp_path / f"item{index}"), 1.0 if index < 2 else 4.0) for index in range(6)]
 
     with pytest.raises(KeyboardInterrupt):
-        for _ in ray_map(ray_helpers.touch_after_sleep, paths, workers=WORKERS):
+        for _ in ray_map(ray_helpers.touch_after_sleep, items, workers=WORKERS):
             raise KeyboardInterrupt
-    time.sleep(1.5)
+    time.sleep(5.0)
 
-    # Items 2 and 3 started when the first two finished, and were cancelled at once.
+    # Items 2 and 3 started when the first two finished, and were cancelled.
     touched = sorted(path.name for path in tmp_path.iterdir())
     assert "item2" not in touched
     assert "item3" not in touched

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 
 import pytest
 
@@ -181,3 +182,17 @@ def test_write_output_file(tmp_path, capsys):
     write_output("line\n", tmp_path / "out.txt")
     assert (tmp_path / "out.txt").read_text() == "line\n"
     assert capsys.readouterr().out == ""
+
+
+# A folder listing gives a file name that is not UTF-8 as surrogate escapes.
+_UNDECODABLE_TABLE = render([{"model": os.fsdecode(b"m\xff.onnx")}], "table", ["model"])
+
+
+def test_write_output_file_undecodable_path(tmp_path):
+    write_output(_UNDECODABLE_TABLE, tmp_path / "out.txt")
+    assert (tmp_path / "out.txt").read_bytes() == b"model\nm\xff.onnx\n"
+
+
+def test_write_output_stdout_undecodable_path(capsysbinary):
+    write_output(_UNDECODABLE_TABLE, None)
+    assert capsysbinary.readouterr().out == b"model\nm\xff.onnx\n"

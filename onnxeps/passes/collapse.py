@@ -441,7 +441,7 @@ def narrow_model(
     inputs = {value.name for value in copy.graph.input}
     inner = [s for name, s in nar.structures.items() if name not in inputs]
     log.info(
-        "narrow graph evaluated: at most %d channels per tensor instead of %d",
+        "narrow graph evaluated: at most %d channel(s) per tensor instead of %d",
         max((len(s) for s in inner), default=0),
         max((sum(s) for s in inner), default=0),
     )
