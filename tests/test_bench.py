@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from records import assert_same_record
 from onnxeps.bench import (
     SPACES,
     nb201_parameter_free_path,
@@ -279,12 +280,7 @@ def assert_same_records(actual: list[dict], expected: list[dict]) -> None:
     assert [r["model"] for r in actual] == [r["model"] for r in expected]
     for record, other in zip(expected, actual):
         assert list(other) == list(record)
-        for key in record.keys() - {"seconds", "epsilon"}:
-            assert other[key] == record[key], (record["model"], key)
-        if record["epsilon"] is None:
-            assert other["epsilon"] is None, record["model"]
-        else:
-            assert other["epsilon"] == pytest.approx(record["epsilon"], rel=1e-5)
+        assert_same_record(record, other)
 
 
 def test_jobs_two_same_records(nb201_truth, nb201_result):

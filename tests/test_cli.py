@@ -30,6 +30,7 @@ from onnxeps.cli import main
 from onnxeps.cli_common import write_or_fail
 from onnxeps.cli_score import StreamedRecords
 from onnxeps.converters import nb201
+from records import assert_same_record
 from inline_models import CONSTANT as _CONSTANT
 from inline_models import HEADER as _HEADER
 from inline_models import SQUARE as _SQUARE
@@ -458,13 +459,7 @@ def assert_same_records(actual: list[dict], expected: list[dict]) -> None:
     by_model = {record["model"]: record for record in actual}
     assert sorted(by_model) == sorted(record["model"] for record in expected)
     for record in expected:
-        other = by_model[record["model"]]
-        for key in record.keys() - {"seconds", "epsilon"}:
-            assert other[key] == record[key], (record["model"], key)
-        if record["epsilon"] is None:
-            assert other["epsilon"] is None, record["model"]
-        else:
-            assert other["epsilon"] == pytest.approx(record["epsilon"], rel=1e-5)
+        assert_same_record(record, by_model[record["model"]])
 
 
 def scored_models(log_text: str) -> list[str]:
