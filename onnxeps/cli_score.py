@@ -81,9 +81,15 @@ def _expand(argument: str) -> list[str]:
     if os.path.exists(argument) or not _GLOB_CHARACTERS & set(argument):
         return [argument]
     matches = sorted(glob.glob(argument, recursive=True))
-    if not matches:
+    # A matched folder (even one named like a model) adds the models below it, if any.
+    found = [
+        path
+        for match in matches
+        for path in (_onnx_files_below(match) if os.path.isdir(match) else [match])
+    ]
+    if not found:
         raise click.UsageError(f"{argument}: no file matches this pattern.")
-    return [path for match in matches for path in _expand(match)]
+    return found
 
 
 def expand_models(arguments: Sequence[str], list_path: str | None) -> list[str]:

@@ -1040,3 +1040,13 @@ def test_score_non_utf8_file_name(tmp_path, square):
     result = invoke("score", str(path), "--batch-size", "8", "--format", "json")
     assert result.exit_code == 0, result.stderr
     assert "onnx.checker" not in result.stderr
+
+
+def test_score_pattern_skips_empty_folder(tmp_path, square):
+    folder = tmp_path / "g"
+    (folder / "sub.onnx").mkdir(parents=True)
+    model = folder / "a.onnx"
+    model.write_bytes(Path(square).read_bytes())
+    result = invoke("score", str(folder / "*.onnx"), "--batch-size", "8", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert [r["model"] for r in json_records(result.stdout)] == [str(model)]
