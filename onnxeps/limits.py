@@ -218,6 +218,7 @@ def check_weight_memory(
         limit = parse_memory_limit(memory_limit)
     except ValueError as error:
         raise InputError(f"{error}.") from None
+
     origin = ""
     if limit == AUTO:
         limit, origin = available_memory(), " (the memory available now)"
@@ -225,6 +226,7 @@ def check_weight_memory(
             log.debug("%s: available memory unknown, so no memory limit", loaded.label)
     if limit is None:
         return
+
     weights = weight_bytes(loaded.proto)
     copies = PEAK_COPIES_COLLAPSE if collapse else PEAK_COPIES_FULL
     need = weights * copies
@@ -234,6 +236,7 @@ def check_weight_memory(
     )  # fmt: skip
     if need <= limit:
         return
+
     fewer = " --no-collapse to hold fewer copies," if collapse else ""
     raise MemoryLimitError(
         f"{loaded.label}: the weights need about {format_bytes(need)} of memory to "

@@ -150,10 +150,10 @@ class Session:
 
 
 class _Watchdog:
-    """One daemon thread per process that terminates runs past their deadline.
+    """A daemon thread, one per process, that terminates runs past their deadline.
 
-    Starting a timer thread per run costs about a millisecond; scoring thousands of
-    small models runs twice per model, so the thread is started once and reused.
+    Starting a timer thread per run costs about a millisecond (measured), and scoring
+    runs twice per model. So the thread is started once and reused.
     """
 
     def __init__(self) -> None:

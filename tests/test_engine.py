@@ -318,8 +318,8 @@ def test_local_workers_share_available_memory(monkeypatch):
     assert engine._share_machine(task, "local", 4).options["memory_limit"] == 2_000_000_000
     assert "memory_limit" not in engine._share_machine(task, "local", 1).options
     assert "memory_limit" not in engine._share_machine(task, "ray", 4).options
-    given = make_task(None, {"memory_limit": 10**9}, cache=False)
-    assert engine._share_machine(given, "local", 4).options["memory_limit"] == 10**9
+    explicit = make_task(None, {"memory_limit": 10**9}, cache=False)
+    assert engine._share_machine(explicit, "local", 4).options["memory_limit"] == 10**9
 
 
 def test_file_changed_while_scored_not_cached(tmp_path, monkeypatch):

@@ -177,8 +177,8 @@ def test_exited_worker_reported_as_worker_lost(ray_instance, tmp_path):
 
 
 def test_interrupt_cancels_outstanding_tasks(ray_instance, tmp_path):
-    # The first two items end after 1 s; the others would write their file after 4 s
-    # more, which leaves a loaded machine ample time to cancel them.
+    # The first two items end after 1 s. The others write their file only after 4 s
+    # more, so a loaded machine has time to cancel them.
     items = [(str(tmp_path / f"item{index}"), 1.0 if index < 2 else 4.0) for index in range(6)]
 
     with pytest.raises(KeyboardInterrupt):

@@ -109,8 +109,8 @@ def _instance_norm(emit: _Emitter, rows: str, scale: str, shift: str, eps: float
 
 
 def _normalise_in_double(emit: _Emitter, rows: str, scale: str, shift: str, eps: float) -> str:
-    """The same normalisation in primitive operators: ONNX Runtime's CPU provider has
-    no double InstanceNormalization."""
+    """Emit the same normalisation in primitive operators, because ONNX Runtime's CPU
+    provider has no double InstanceNormalization."""
     mean = emit.reduce_mean_rows(rows)
     centred = emit.op("Sub", [rows, mean])
     variance = emit.reduce_mean_rows(emit.op("Mul", [centred, centred]))

@@ -194,8 +194,8 @@ def _conv(nar: _Narrowing, node) -> Structure:
 
 
 def _is_box_filter(node: onnx.NodeProto, narrow_in: int, kernel: list[int]) -> bool:
-    """Whether a narrow convolution is a window sum that average pooling computes faster:
-    one input channel, a kernel larger than 1x1 and no dilation."""
+    """Return whether a narrow convolution is a window sum that average pooling computes
+    faster: one input channel, a kernel larger than 1x1 and no dilation."""
     dilations = _attribute(node, "dilations", [1] * len(kernel))
     return narrow_in == 1 and int(np.prod(kernel)) > 1 and all(d == 1 for d in dilations)
 

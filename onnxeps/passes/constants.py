@@ -194,7 +194,7 @@ def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> WeightSlots |
     weight sits in a subgraph (a graph input can only feed the main graph's names).
     Names that the model no longer has (pruned as unused) are skipped.
     """
-    wanted = set(names)
+    weight_names = set(names)
     graph = model.graph
     nested = (
         tensor.name
@@ -202,20 +202,20 @@ def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> WeightSlots |
         if ref.path != "main"
         for tensor in ref.graph.initializer
     )
-    if any(name in wanted for name in nested):
+    if any(name in weight_names for name in nested):
         return None
     slots: WeightSlots = {}
-    kept = []
+    others = []
     for tensor in graph.initializer:
-        if tensor.name not in wanted:
-            kept.append(tensor)
+        if tensor.name not in weight_names:
+            others.append(tensor)
             continue
         slots[tensor.name] = (tuple(tensor.dims), _np_dtype(tensor.data_type))
         graph.input.append(
             helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
         )
     del graph.initializer[:]
-    graph.initializer.extend(kept)
+    graph.initializer.extend(others)
     return slots
 
 
