@@ -26,6 +26,19 @@ def data_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_result_cache(tmp_path_factory):
+    """Point the result cache at a new folder for the whole session.
+
+    Module and session fixtures are set up before any test's own fixtures, so without
+    this the runs they start would read and fill the user's cache, and a record cached
+    there by an earlier run would stand in for a failure that a test expects.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ONNXEPS_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_result_cache(tmp_path_factory, monkeypatch):
     """Point the result cache at a new folder for each test, never at the user's cache.
