@@ -30,9 +30,9 @@ def data_dir() -> Path:
 def session_result_cache(tmp_path_factory):
     """Point the result cache at a new folder for the whole session.
 
-    Module and session fixtures are set up before any test's own fixtures, so without
-    this the runs they start would read and fill the user's cache, and a record cached
-    there by an earlier run would stand in for a failure that a test expects.
+    Pytest sets up module and session fixtures before a test's own fixtures. Without
+    this, the runs they start would use the user's cache, where a record from an
+    earlier run can replace the failure that a test expects.
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ONNXEPS_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
