@@ -46,10 +46,14 @@ NB101_SEED = 101
 # Relative tolerance for exact rewrites of the same graph.
 RTOL = 1e-5
 # Absolute floor. The float32 full graph's epsilon is up to 1.0e-6 off its float64
-# value on the NB201 sample (the narrow graph's up to 2.6e-7), more than 1e-5 relative
-# for cells whose epsilon is below 0.1. NB101 cells whose exact epsilon is 0 score up to
-# 7.5e-7 through the narrow graph. Measured on 8 CIFAR-10 images, onnxruntime 1.32 CPU.
+# value on the NB201 sample (the narrow graph's up to 2.3e-7), more than 1e-5 relative
+# for cells whose epsilon is below 0.1. Measured on 8 CIFAR-10 images, onnxruntime 1.32
+# CPU.
 ATOL = 1e-6
+# Absolute floor against float64 for NB101 cells. Those whose exact epsilon is 0 score
+# up to 1.6e-6 through the narrow graph and up to 2.7e-5 through the full float32
+# graph, measured as above.
+NB101_ATOL = 2e-6
 # The float64 evaluations of both graphs differ only in summation order.
 FLOAT64_RTOL = 1e-9
 # Absolute floor of the float64 comparison: an epsilon that is 0 in exact arithmetic
@@ -86,8 +90,8 @@ NAMED_NB201 = [
 ]
 
 
-def close(a: float, b: float) -> bool:
-    return abs(a - b) <= RTOL * abs(b) + ATOL
+def close(a: float, b: float, floor: float = ATOL) -> bool:
+    return abs(a - b) <= RTOL * abs(b) + floor
 
 
 @pytest.fixture(scope="module")
@@ -531,13 +535,13 @@ def test_nb101_values_equal(nb101_cells, nb101_results):
     # The reference is the float64 value of the full graph, not the float32 full score.
     # In float32 the full graph's rounding moves epsilon by up to 4.5e-4 relative on
     # these cells, beyond the 1e-5 exact-rewrite tolerance. The collapsed score stays
-    # within 5.2e-6 relative of float64.
+    # within 7.9e-6 relative of float64.
     for cell, result in zip(nb101_cells, nb101_results):
         if not result.scores.collapsed.defined:
             continue
         assert result.full_float64.defined, cell
         a, b = result.scores.collapsed.epsilon, result.full_float64.value
-        assert close(a, b), f"{cell}: collapsed {a!r}, full float64 {b!r}"
+        assert close(a, b, NB101_ATOL), f"{cell}: collapsed {a!r}, full float64 {b!r}"
 
 
 # ----- the narrow model -----

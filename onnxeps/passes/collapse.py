@@ -173,10 +173,12 @@ def _conv(nar: _Narrowing, node) -> Structure:
     c_out, per_group, *kernel = weight.dims
     group = _attribute(node, "group", 1)
     narrow_in = len(x)
-    if group == 1 and per_group == sum(x) and _is_box_filter(node, narrow_in, kernel):
-        # One channel in and out with a uniform kernel: a window sum times w * m.
-        ones = (1,) * (2 + len(kernel))
-        nar.set_weight(node, 1, ones, float(x[0] * np.prod(kernel)))
+    if group == 1 and per_group == sum(x) and _is_box_filter(node, kernel):
+        # A uniform kernel: a window sum of the input channels weighted by w * m_k.
+        window = int(np.prod(kernel))
+        multiplier = np.asarray(x, dtype=np.float64) * window
+        shape = (1, narrow_in, *[1] * len(kernel))
+        nar.set_weight(node, 1, shape, multiplier.reshape(shape))
         nar.zero_vector(node, 2, 1)
         nar.box_filters[node.output[0]] = kernel
         return (c_out,)
@@ -193,33 +195,44 @@ def _conv(nar: _Narrowing, node) -> Structure:
     raise NotCovered(f"{_label(node)} is a grouped convolution (group {group})")
 
 
-def _is_box_filter(node: onnx.NodeProto, narrow_in: int, kernel: list[int]) -> bool:
+def _is_box_filter(node: onnx.NodeProto, kernel: list[int]) -> bool:
     """Return whether a narrow convolution is a window sum that average pooling computes
-    faster: one input channel, a kernel larger than 1x1 and no dilation."""
+    faster: a kernel larger than 1x1 and no dilation."""
     dilations = _attribute(node, "dilations", [1] * len(kernel))
-    return narrow_in == 1 and int(np.prod(kernel)) > 1 and all(d == 1 for d in dilations)
+    return int(np.prod(kernel)) > 1 and all(d == 1 for d in dilations)
 
 
 def _box_filter_nodes(nar: _Narrowing, node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """Replace a box-filter convolution by AveragePool (zero padding counted) and Mul.
+    """Replace a box-filter convolution by average pooling (zero padding counted) and
+    a weighting of the channels.
 
-    The mean over the window times w * m * (window size) equals the convolution with the
-    uniform kernel w * m, up to float rounding.
+    The window mean times w * m_k * (window size), summed over the input channels,
+    equals the convolution with the uniform kernel w * m_k, up to float rounding. One
+    input channel is pooled and then scaled. Several are first summed by a 1x1
+    convolution, so that only one channel is pooled.
     """
     kernel = nar.box_filters[node.output[0]]
-    pooled = nar.names.fresh(f"{node.output[0]}/window_mean")
+    label = node_label(node)
     attributes = {"kernel_shape": kernel, "count_include_pad": 1}
     for name in ("strides", "pads", "auto_pad"):
         value = _attribute(node, name, None)
         if value is not None:
             attributes[name] = value
-    pool = helper.make_node(
-        "AveragePool", [node.input[0]], [pooled], name=nar.names.fresh(f"{node_label(node)}/AveragePool"), **attributes
-    )
-    scale = helper.make_node(
-        "Mul", [pooled, node.input[1]], [node.output[0]], name=nar.names.fresh(f"{node_label(node)}/Mul")
-    )
-    return [pool, scale]
+    source, weight, output = node.input[0], node.input[1], node.output[0]
+    middle = nar.names.fresh(f"{output}/window")
+    pool_name = nar.names.fresh(f"{label}/AveragePool")
+    if nar.initializers[weight].dims[1] == 1:
+        pool = helper.make_node(
+            "AveragePool", [source], [middle], name=pool_name, **attributes
+        )
+        scale_name = nar.names.fresh(f"{label}/Mul")
+        return [pool, helper.make_node("Mul", [middle, weight], [output], name=scale_name)]
+    channel_sum = helper.make_node(
+        "Conv", [source, weight], [middle], name=nar.names.fresh(f"{label}/Conv1x1"),
+        kernel_shape=[1] * len(kernel),
+    )  # fmt: skip
+    pool = helper.make_node("AveragePool", [middle], [output], name=pool_name, **attributes)
+    return [channel_sum, pool]
 
 
 def _replace_box_filters(nar: _Narrowing) -> None:
