@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxeps.cost import count_macs, parameter_count
+from onnxeps.cost import count_macs
 from onnxeps.engine import Job, Task, make_task, run_jobs
 from onnxeps.errors import InputError
-from onnxeps.plan import build_plan
 from onnxeps.score import DEFAULT_SEQ_LEN
 from onnxeps.stats import NAN_POLICIES, rank_statistics
 
@@ -33,7 +32,7 @@ __all__ = [
     "Candidate",
     "BenchResult",
     "build_encoded",
-    "cost_columns",
+    "macs_per_sample",
     "read_candidates",
     "run_bench",
     "render_markdown",
@@ -196,19 +195,14 @@ def build_encoded(space_name: str, encoding, options: dict) -> onnx.ModelProto:
         raise InputError(f"invalid {space.name} encoding: {error}.") from error
 
 
-def cost_columns(model: onnx.ModelProto, parameters: int | None = None) -> dict:
-    """Return the baseline columns of a record: #params and MACs per sample.
-
-    ``parameters`` is the parameter count when the caller has it (scoring counts it).
-    """
+def macs_per_sample(model: onnx.ModelProto) -> int | None:
+    """Return the multiply-accumulates of one sample: symbolic axes of the inputs count 1."""
     batch_one = {
         value.name: tuple(d.dim_value or 1 for d in value.type.tensor_type.shape.dim)
         for value in model.graph.input
     }
     macs, _ = count_macs(model, batch_one)
-    if parameters is None:
-        parameters = parameter_count(build_plan(model))
-    return {"params": parameters, "macs": macs}
+    return macs
 
 
 def _bench_record(record: dict, candidate: Candidate) -> dict:

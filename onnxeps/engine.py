@@ -38,6 +38,7 @@ from onnxeps.cache import (
 )
 from onnxeps.errors import OnnxepsError
 from onnxeps.limits import AUTO, available_memory
+from onnxeps.load import adopt_built_model
 from onnxeps.runtime import import_runtime
 from onnxeps.score import RECORD_KEYS, ScoreResult, score
 
@@ -222,6 +223,16 @@ def _required_keys(job: Job) -> tuple[str, ...]:
     return RECORD_KEYS if job.space is None else RECORD_KEYS + _COST_KEYS
 
 
+def _score_built(model: onnx.ModelProto, sha: str | None, task: Task) -> dict:
+    """Score a model built from an encoding and add the cost columns to its record."""
+    from onnxeps.bench import macs_per_sample
+
+    # Scoring rewrites the built model in place, so its MACs are counted first.
+    macs = macs_per_sample(model)
+    result = score(adopt_built_model(model, sha), task.inputs, **task.options)
+    return result.record() | {"params": result.parameters, "macs": macs}
+
+
 def _score_job(job: Job, task: Task) -> Outcome:
     model = _model_of(job, task)
     key, sha = _key_of(job, model, task) or (None, None)
@@ -229,12 +240,11 @@ def _score_job(job: Job, task: Task) -> Outcome:
         stored = ResultCache(task.cache_dir).load(key, _required_keys(job))
         if stored is not None and stored["sha256"] == sha:
             return Outcome(job.label, record=stored | {"model": job.label}, cached=True)
-    result = score(model, task.inputs, **task.options)
-    record = result.record() | {"model": job.label}
-    if job.space is not None:
-        from onnxeps.bench import cost_columns
-
-        record |= cost_columns(model, result.parameters)
+    if job.space is None:
+        record = score(model, task.inputs, **task.options).record()
+    else:
+        record = _score_built(model, sha, task)
+    record |= {"model": job.label}
     # A file replaced between hashing and scoring must not be cached under the old hash.
     keep = key if record["sha256"] == sha else None
     return Outcome(job.label, record=record, cache_key=keep)

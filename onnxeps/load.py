@@ -17,7 +17,7 @@ from onnx import external_data_helper
 from onnxeps.errors import ModelLoadError
 from onnxeps.graphs import iter_tensors
 
-__all__ = ["LoadedModel", "load_model", "referenced_files", "hash_files", "PROTO_LIMIT_BYTES"]
+__all__ = ["LoadedModel", "adopt_built_model", "load_model", "referenced_files", "hash_files", "PROTO_LIMIT_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ class LoadedModel:
     label: str
     base_dir: Path | None
     warnings: list[str] = field(default_factory=list)
+
+
+# The label of an in-memory model without a usable graph name.
+_IN_MEMORY_LABEL = "<in-memory model>"
 
 
 def hash_files(paths: Iterable[Path]) -> str:
@@ -220,6 +224,19 @@ def referenced_files(path: str | os.PathLike) -> list[Path]:
     return [path, *(path.parent / loc for loc in _external_locations(model))]
 
 
+def adopt_built_model(model: onnx.ModelProto, sha256: str | None = None) -> LoadedModel:
+    """Take a model that a converter has just built and checked, without a copy.
+
+    Scoring rewrites the model in place, so the caller must not use it afterwards. The
+    strings were set through protobuf, which accepts only valid UTF-8, and the converter
+    ran the checker, so neither check runs again. ``sha256`` is the hash of the
+    serialised model when the caller has it.
+    """
+    if sha256 is None:
+        sha256 = hashlib.sha256(model.SerializeToString()).hexdigest()
+    return LoadedModel(model, sha256, model.graph.name or _IN_MEMORY_LABEL, None)
+
+
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     """Load a model from a path (external data beside it) or take a ModelProto.
 
@@ -232,7 +249,7 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
         copy.CopyFrom(model)
         # The graph name labels the model unless it is empty or not valid UTF-8.
         label = copy.graph.name if isinstance(copy.graph.name, str) else ""
-        label = label or "<in-memory model>"
+        label = label or _IN_MEMORY_LABEL
         _check_strings(copy, label)
         try:
             data = copy.SerializeToString()

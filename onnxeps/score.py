@@ -349,7 +349,7 @@ def _run_both(template: _Template, s: ScoreSettings, deadline) -> tuple[list, st
 
 
 def score(
-    model: str | os.PathLike | onnx.ModelProto,
+    model: str | os.PathLike | onnx.ModelProto | LoadedModel,
     inputs: InputsArg = None,
     *,
     weights: tuple[float, float] | None = None,
@@ -370,7 +370,8 @@ def score(
 ) -> ScoreResult:
     """Score one model with epsilon.
 
-    ``model`` is a path (external data beside it) or a ModelProto (never modified).
+    ``model`` is a path (external data beside it), a ModelProto (never modified) or a
+    :class:`~onnxeps.load.LoadedModel`, which scoring rewrites in place.
     ``inputs`` is a .npy/.npz path, an array (one-input models) or a dict of arrays named
     after the model inputs; when None, a synthetic batch of ``synthetic`` kind (grey,
     normal, uniform, tokens; default grey for float and tokens for integer inputs) with
@@ -409,7 +410,7 @@ def _score(
     if timeout is not None and not timeout > 0:
         raise InputError(f"invalid timeout {timeout!r}: give a positive number of seconds.")
     deadline = _Deadline(timeout)
-    loaded = load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
     plan = build_plan(loaded.proto, s.recurrent_as_weight)
     _check_plan(plan, loaded.label, s.strict, loaded.proto)
     check_weight_memory(loaded, memory_limit, s.collapse)

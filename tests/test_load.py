@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from onnxeps.errors import ModelLoadError
-from onnxeps.load import load_model, referenced_files
+from onnxeps.load import adopt_built_model, load_model, referenced_files
 
 _TEXT = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -198,6 +198,20 @@ def test_load_proto_is_a_copy():
     del loaded.proto.graph.initializer[:]
     assert model.SerializeToString() == before
     assert loaded.proto is not model
+
+
+def test_adopt_built_model_same_identity():
+    model = tiny_model()
+    adopted = adopt_built_model(model)
+    loaded = load_model(model)
+    assert adopted.proto is model
+    assert adopted.sha256 == loaded.sha256
+    assert adopted.label == loaded.label
+    assert adopted.base_dir is None
+
+
+def test_adopt_built_model_given_hash():
+    assert adopt_built_model(tiny_model(), "f" * 64).sha256 == "f" * 64
 
 
 def test_load_proto_unnamed_graph_label():
