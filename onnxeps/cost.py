@@ -132,7 +132,8 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]])
     With a batch of one this is MACs per sample. Shapes come from shape inference with
     data propagation, so shapes computed at run time (Shape, Concat, ...) count too.
     """
-    types = infer_types(_with_input_shapes(model, input_shapes), data_prop=True)
+    bare = _with_input_shapes(model, input_shapes)
+    types = infer_types(bare, data_prop=True, bare=True)
 
     def shapes(name: str) -> tuple[int, ...] | None:
         return _static(types.get(name))

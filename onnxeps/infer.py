@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import onnx
@@ -65,28 +66,61 @@ def _type_of(value: onnx.ValueInfoProto) -> TensorType | None:
     return TensorType(tensor_type.elem_type, tuple(dims))
 
 
-def infer_types(model: onnx.ModelProto, data_prop: bool = False) -> dict[str, TensorType]:
+class _InferredTypes(Mapping[str, TensorType]):
+    """Types by tensor name, each converted from its value info when first read.
+
+    Callers read the types of a few tensors only, so converting every value info of a
+    model up front would cost more than the inference itself.
+    """
+
+    def __init__(self, graphs: list[onnx.GraphProto]) -> None:
+        self._values: dict[str, onnx.ValueInfoProto | onnx.TensorProto] = {}
+        for graph in graphs:
+            for value in [*graph.input, *graph.output, *graph.value_info]:
+                self._values[value.name] = value
+            for tensor in graph.initializer:
+                self._values[tensor.name] = tensor
+        self._types: dict[str, TensorType | None] = {}
+
+    def _convert(self, name: str) -> TensorType | None:
+        if name not in self._types:
+            value = self._values.get(name)
+            if isinstance(value, onnx.TensorProto):
+                self._types[name] = TensorType(value.data_type, tuple(value.dims))
+            else:
+                self._types[name] = None if value is None else _type_of(value)
+        return self._types[name]
+
+    def __getitem__(self, name: str) -> TensorType:
+        found = self._convert(name)
+        if found is None:
+            raise KeyError(name)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in self._values if self._convert(name) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def infer_types(
+    model: onnx.ModelProto, data_prop: bool = False, *, bare: bool = False
+) -> Mapping[str, TensorType]:
     """Return the inferred type of every tensor that inference could type.
 
     ``data_prop`` also propagates the values of shape computations (Shape, Gather,
     Concat, ...), so a tensor shaped from them, e.g. by ConstantOfShape, gets a shape.
+    ``bare`` says that the model is a :func:`skeleton` already, which saves a copy.
     Inference failures are logged and leave the affected tensors untyped.
     """
-    bare = skeleton(model)
+    if not bare:
+        model = skeleton(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(
-            bare, strict_mode=False, data_prop=data_prop
+            model, strict_mode=False, data_prop=data_prop
         )
     except Exception as error:  # onnx raises several unrelated types here
         log.info("shape inference failed (%s); using declared types only", error)
-        inferred = bare
-    types: dict[str, TensorType] = {}
-    for ref in iter_graphs(inferred):
-        graph = ref.graph
-        for value in [*graph.input, *graph.output, *graph.value_info]:
-            found = _type_of(value)
-            if found is not None:
-                types[value.name] = found
-        for tensor in graph.initializer:
-            types[tensor.name] = TensorType(tensor.data_type, tuple(tensor.dims))
-    return types
+        inferred = model
+    return _InferredTypes([ref.graph for ref in iter_graphs(inferred)])

@@ -89,7 +89,8 @@ def peak_activation_bytes(
     model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
 ) -> ActivationPeak:
     """Estimate the peak bytes of live activations at ``input_shapes`` (see the module)."""
-    types = infer_types(_with_input_shapes(model, input_shapes), data_prop=True)
+    bare = _with_input_shapes(model, input_shapes)
+    types = infer_types(bare, data_prop=True, bare=True)
     graph = model.graph
     final_reader = last_uses(graph)
     keep = {value.name for value in graph.output}

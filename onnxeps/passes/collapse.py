@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 from onnxeps.graphs import node_label
 from onnxeps.infer import TensorType, infer_types
 from onnxeps.passes.base import NameScope
+from onnxeps.tensors import tensor_from_array
 
 __all__ = ["CollapseChannels"]
 
@@ -87,6 +88,9 @@ class _Narrowing:
         self.box_filters: dict[str, list[int]] = {}
         # Narrow types of what BatchNormalization nodes read, for the rewrite after this.
         self.batchnorm_types: dict[str, TensorType] = {}
+        # Narrow constants and weight placeholders by value, so equal ones are shared.
+        self.constants: dict[tuple, str] = {}
+        self.placeholders: dict[tuple, str] = {}
 
     def resolve(self, name: str) -> str:
         return self.aliases.get(name, name)
@@ -125,23 +129,39 @@ class _Narrowing:
     # Editing the graph -------------------------------------------------------------
 
     def set_weight(self, node, slot: int, shape: tuple[int, ...], multiplier) -> None:
-        """Give one operator input its own narrow weight placeholder and multiplier."""
+        """Point one operator input at a narrow weight placeholder with its multiplier.
+
+        Inputs of the same shape, type and multiplier share one placeholder, since the
+        weight w gives them the same value.
+        """
         name = node.input[slot]
         if not self.is_weight(name):
             raise NotCovered(f"{_label(node)} weight '{name}' is not a constant weight")
-        tensor = self.initializers[self.resolve(name)]
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        self.replace_input(node, slot, np.zeros(shape, dtype=dtype))
-        self.multipliers[node.input[slot]] = np.broadcast_to(multiplier, shape).astype(
-            np.float64
-        )
+        data_type = self.initializers[self.resolve(name)].data_type
+        multiplier = np.broadcast_to(multiplier, shape).astype(np.float64)
+        key = (data_type, shape, multiplier.tobytes())
+        if key not in self.placeholders:
+            zeros = np.zeros(shape, dtype=helper.tensor_dtype_to_np_dtype(data_type))
+            self.placeholders[key] = self._add_initializer(f"{name}/narrow", zeros)
+            self.multipliers[self.placeholders[key]] = multiplier
+        node.input[slot] = self.placeholders[key]
 
     def replace_input(self, node, slot: int, values: np.ndarray) -> None:
-        """Point one node input at a fresh initializer (shared tensors stay intact)."""
-        fresh = self.names.fresh(f"{self.resolve(node.input[slot])}/narrow")
-        self.graph.initializer.append(numpy_helper.from_array(values, fresh))
-        self.initializers[fresh] = self.graph.initializer[-1]
-        node.input[slot] = fresh
+        """Point one node input at a narrow constant (shared tensors stay intact).
+
+        Equal constants share one initializer.
+        """
+        key = (values.dtype.str, values.shape, values.tobytes())
+        if key not in self.constants:
+            hint = f"{self.resolve(node.input[slot])}/narrow"
+            self.constants[key] = self._add_initializer(hint, values)
+        node.input[slot] = self.constants[key]
+
+    def _add_initializer(self, hint: str, values: np.ndarray) -> str:
+        name = self.names.fresh(hint)
+        self.graph.initializer.append(tensor_from_array(values, name))
+        self.initializers[name] = self.graph.initializer[-1]
+        return name
 
     def note_batchnorm_types(self, node, channels: int) -> None:
         """Record the narrow types of a BatchNormalization's input, scale and shift."""
@@ -257,10 +277,11 @@ def _batchnorm(nar: _Narrowing, node) -> Structure:
     nar.note_batchnorm_types(node, len(x))
     # Running statistics are ignored by the batch-statistics rewrite that follows.
     for slot, fill in ((3, 0.0), (4, 1.0)):
-        stat = nar.constant(node.input[slot])
+        stat = nar.initializers.get(nar.resolve(node.input[slot]))
         if stat is None:
             raise NotCovered(f"{_label(node)} statistic is not an initializer")
-        nar.replace_input(node, slot, np.full((len(x),), fill, dtype=stat.dtype))
+        dtype = helper.tensor_dtype_to_np_dtype(stat.data_type)
+        nar.replace_input(node, slot, np.full((len(x),), fill, dtype=dtype))
     return x
 
 
@@ -407,11 +428,12 @@ def _restore_output(nar: _Narrowing, output: str) -> None:
         raise NotCovered(f"the scored output '{output}' has no tracked channels")
     narrow = nar.names.fresh(f"{output}/narrow")
     for node in nar.graph.node:
-        node.output[:] = [narrow if name == output else name for name in node.output]
-        node.input[:] = [narrow if name == output else name for name in node.input]
+        for names in (node.output, node.input):
+            if output in names:
+                names[:] = [narrow if name == output else name for name in names]
     indices = np.repeat(np.arange(len(structure)), structure).astype(np.int64)
     index_name = nar.names.fresh(f"{output}/channel_index")
-    nar.graph.initializer.append(numpy_helper.from_array(indices, index_name))
+    nar.graph.initializer.append(tensor_from_array(indices, index_name))
     gather = helper.make_node("Gather", [narrow, index_name], [output], axis=1,
                               name=nar.names.fresh(f"{output}/Gather"))  # fmt: skip
     nar.graph.node.append(gather)
