@@ -10,12 +10,13 @@ metadata entry; a hint overrides the table.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 
 from onnxeps.graphs import Use, consumer_map, iter_graphs, node_label
@@ -342,13 +343,18 @@ def _role_hints(model: onnx.ModelProto, warnings: list[str]) -> dict[str, Role]:
     return hints
 
 
+@functools.cache
+def _dtype_name(elem_type: int) -> str:
+    return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+
+
 def _entries_for(
     constant: _Constant,
     uses: list[TerminalUse],
     hint: Role | None,
     recurrent_as_weight: bool,
 ) -> list[PlanEntry]:
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(constant.elem_type).name
+    dtype = _dtype_name(constant.elem_type)
     base = (constant.name, constant.graph, constant.source, constant.shape, dtype)
     if hint is not None:
         action = action_for(hint, recurrent_as_weight)
@@ -494,7 +500,7 @@ def build_plan(model: onnx.ModelProto, recurrent_as_weight: bool = False) -> Pla
     tracer = _Tracer(model, every)
     entries: list[PlanEntry] = []
     for constant in floats.values():
-        size = int(np.prod(constant.shape, dtype=np.int64))
+        size = math.prod(constant.shape)
         uses = tracer.terminal_uses(constant.name, size)
         entries.extend(
             _entries_for(constant, uses, hints.get(constant.name), recurrent_as_weight)
