@@ -9,6 +9,8 @@ training-mode BatchNormalization, which crashes ONNX Runtime or gives wrong resu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import onnx
 from onnx import helper
 
@@ -23,13 +25,38 @@ _DEFAULT_EPSILON = 1e-5
 _MIN_OPSET = 5  # Reshape takes its shape as an input from opset 5
 
 
+class _SharedConstants:
+    """Integer constants that the replacements in one graph share, as Constant nodes
+    that go at the front of the graph."""
+
+    def __init__(self, names: NameScope) -> None:
+        self.names = names
+        self.nodes: list[onnx.NodeProto] = []
+        self._by_value: dict[tuple[int, ...], str] = {}
+
+    def ints(self, stem: str, values: list[int]) -> str:
+        key = tuple(values)
+        if key not in self._by_value:
+            output = self.names.fresh(f"batchnorm/{stem}")
+            tensor = helper.make_tensor(stem, onnx.TensorProto.INT64, [len(values)], values)
+            node_name = self.names.fresh(f"batchnorm/{stem}/Constant")
+            self.nodes.append(
+                helper.make_node("Constant", [], [output], name=node_name, value=tensor)
+            )
+            self._by_value[key] = output
+        return self._by_value[key]
+
+
 class _Emitter:
     """Builds the replacement nodes of one BatchNormalization node."""
 
-    def __init__(self, node: onnx.NodeProto, names: NameScope, opset: int) -> None:
+    def __init__(
+        self, node: onnx.NodeProto, names: NameScope, opset: int, shared: _SharedConstants
+    ) -> None:
         self.node = node
         self.names = names
         self.opset = opset
+        self.shared = shared
         self.prefix = node_label(node)
         self.nodes: list[onnx.NodeProto] = []
 
@@ -43,8 +70,7 @@ class _Emitter:
         return self.op("Constant", [], self.names.fresh(f"{self.prefix}/{stem}"), value=tensor)
 
     def ints(self, stem: str, values: list[int]) -> str:
-        tensor = helper.make_tensor(stem, onnx.TensorProto.INT64, [len(values)], values)
-        return self.constant(stem, tensor)
+        return self.shared.ints(stem, values)
 
     def reduce_mean_rows(self, value: str) -> str:
         """Mean over the last axis of a (1, C, S) tensor, keeping dims."""
@@ -63,7 +89,7 @@ class _Emitter:
         return value if have == want else self.op("Cast", [value], to=want)
 
 
-def _elem(types: dict[str, TensorType], name: str) -> int:
+def _elem(types: Mapping[str, TensorType], name: str) -> int:
     found = types.get(name)
     return found.elem_type if found else onnx.TensorProto.UNDEFINED
 
@@ -121,7 +147,9 @@ def _normalise_in_double(emit: _Emitter, rows: str, scale: str, shift: str, eps:
     return emit.op("Add", [scaled, emit.op("Reshape", [shift, channel_shape])])
 
 
-def _replace(node, names, opset, types: dict[str, TensorType]) -> list[onnx.NodeProto]:
+def _replace(
+    node, names, opset, types: Mapping[str, TensorType], shared: _SharedConstants
+) -> list[onnx.NodeProto]:
     """Normalise each channel over batch and space with InstanceNormalization.
 
     InstanceNormalization over a (1, C, N*S) view computes exactly the per-channel batch
@@ -129,7 +157,7 @@ def _replace(node, names, opset, types: dict[str, TensorType]) -> list[onnx.Node
     float16 and bfloat16 inputs are normalised in float32, double inputs in double.
     """
     x, scale, shift = node.input[0], node.input[1], node.input[2]
-    emit = _Emitter(node, names, opset)
+    emit = _Emitter(node, names, opset, shared)
     x_type = types.get(x) or types.get(node.output[0])
     elem = x_type.elem_type if x_type else onnx.TensorProto.UNDEFINED
     if elem == onnx.TensorProto.UNDEFINED:
@@ -169,7 +197,7 @@ class BatchNormToBatchStatistics:
 
     name = "batchnorm-to-batch-statistics"
 
-    def __init__(self, types: dict[str, TensorType] | None = None) -> None:
+    def __init__(self, types: Mapping[str, TensorType] | None = None) -> None:
         """``types`` may give the type of every BatchNormalization's input (and of its
         scale and shift) when the caller knows them; otherwise shape inference runs."""
         self.types = types
@@ -194,13 +222,14 @@ class BatchNormToBatchStatistics:
         for ref in reversed(list(iter_graphs(model))):
             if not any(_is_batchnorm(node) for node in ref.graph.node):
                 continue
+            shared = _SharedConstants(names)
             nodes: list[onnx.NodeProto] = []
             for node in ref.graph.node:
                 if not _is_batchnorm(node):
                     nodes.append(node)
                     continue
                 _check_outputs(node, consumers, graph_outputs)
-                nodes.extend(_replace(node, names, opset, types))
+                nodes.extend(_replace(node, names, opset, types, shared))
             del ref.graph.node[:]
-            ref.graph.node.extend(nodes)
+            ref.graph.node.extend(shared.nodes + nodes)
         return True
