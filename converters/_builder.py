@@ -239,8 +239,8 @@ class GraphBuilder:
         properties = dict(metadata)
         properties[ROLES_KEY] = json.dumps(self.roles)
         helper.set_model_props(model, properties)
-        # Tensor data is nearly all of a model's size: only a model whose weights come
-        # near the limit is serialised to measure it.
+        # Tensor data makes up nearly all of a model's size, so only a model whose
+        # weights come near the limit is serialised to measure it.
         weight_bytes = sum(value.nbytes for value in self._values.values())
         if weight_bytes > MAX_MODEL_BYTES // 2 and model.ByteSize() > MAX_MODEL_BYTES:
             raise ValueError(
@@ -248,8 +248,8 @@ class GraphBuilder:
                 f"protobuf limit; use a smaller network, for example a smaller "
                 f"vocabulary"
             )
-        # The structural check only: shape inference on top (full_check) would double
-        # the time of building a cell, and the converter tests run it on their models.
+        # Only the structural check runs here. The full check adds shape inference,
+        # which doubles the time to build a cell. The converter tests run it.
         onnx.checker.check_model(model)
         return model
 

@@ -70,6 +70,16 @@ _MAX_CRASHES_IN_A_ROW = 3
 # How often a worker checks that the process that started the pool still exists.
 _PARENT_POLL_SECONDS = 1.0
 _COST_KEYS = ("params", "macs")
+# Modules that the fork server imports once, so that no worker imports them again. The
+# server skips any that are not installed.
+_WORKER_MODULES = [
+    __name__,
+    "onnxruntime",
+    "onnxeps.bench",
+    "onnxeps.converters.nb201",
+    "onnxeps.converters.nb101",
+    "onnxeps.converters.nlp",
+]
 
 
 class WorkerDied(OnnxepsError):
@@ -293,7 +303,7 @@ def _new_executor(workers: int, initializer) -> ProcessPoolExecutor:
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
+        context.set_forkserver_preload(_WORKER_MODULES)
     else:
         context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
 
 __all__ = ["NAN_POLICIES", "rank_statistics"]
 
@@ -23,6 +22,10 @@ TOP_HITS_COUNT = 64
 def _correlations(score: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     if score.size < 2 or np.all(score == score[0]) or np.all(truth == truth[0]):
         return float("nan"), float("nan")
+    # Imported here because scipy takes about 0.5 s to import, which every scoring
+    # worker that imports the bench module would otherwise pay.
+    from scipy import stats
+
     rho = stats.spearmanr(score, truth).statistic
     tau = stats.kendalltau(score, truth).statistic
     return float(rho), float(tau)
