@@ -7,6 +7,7 @@ initial weights, and assembles a checked opset-17 model.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -139,7 +140,7 @@ class GraphBuilder:
             op_type=op_type, input=inputs, output=outputs, name=node_name
         )
         node.attribute.extend(
-            helper.make_attribute(key, value)
+            _attribute(key, value)
             for key, value in sorted(attributes.items())
             if value is not None
         )
@@ -252,6 +253,24 @@ class GraphBuilder:
         # which doubles the time to build a cell. The converter tests run it.
         onnx.checker.check_model(model)
         return model
+
+
+def _attribute(key: str, value: Any) -> onnx.AttributeProto:
+    """Return a node attribute, made once per name and value when the value is a
+    number, a string or a list of numbers (most attributes of a network repeat)."""
+    if type(value) in (int, float, str):
+        return _cached_attribute(key, type(value), value)
+    if isinstance(value, list) and all(type(item) in (int, float) for item in value):
+        return _cached_attribute(key, list, tuple((type(item), item) for item in value))
+    return helper.make_attribute(key, value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_attribute(key: str, kind: type, value: Any) -> onnx.AttributeProto:
+    # The types are part of the cache key, because 1 and 1.0 make different attributes.
+    if kind is list:
+        value = [item for _, item in value]
+    return helper.make_attribute(key, value)
 
 
 def _constant_role(value: np.ndarray) -> str | None:
