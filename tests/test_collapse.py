@@ -610,6 +610,22 @@ def test_narrow_3x3_conv_is_window_mean():
     assert np.all(multiplier == 16.0 * 9)
 
 
+def test_narrow_parallel_convolutions_merged():
+    # Edges 0->1, 0->2 and 0->3 of a cell convolve the same tensor, so once narrow
+    # they are one branch, and no two nodes of the graph compute the same thing.
+    narrow = rewritten(*prepared(nb201.build(uniform_cell("nor_conv_3x3"))), True)
+    nodes = narrow.model.graph.node
+    keys = [
+        (n.op_type, tuple(n.input), tuple(a.SerializeToString() for a in n.attribute))
+        for n in nodes
+    ]
+    assert len(keys) == len(set(keys))
+    pools = [
+        n for n in nodes if n.op_type == "AveragePool" and n.name.startswith("cells.0.edge_0_")
+    ]
+    assert len(pools) == 1
+
+
 # ----- fallback on uncovered models -----
 
 

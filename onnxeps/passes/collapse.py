@@ -439,6 +439,34 @@ def _restore_output(nar: _Narrowing, output: str) -> None:
     nar.graph.node.append(gather)
 
 
+def _merge_duplicates(graph: onnx.GraphProto) -> None:
+    """Keep one of each set of nodes that compute the same operator on the same inputs.
+
+    Parallel branches that differ only in their weights, such as two convolutions of
+    one tensor, become identical once narrow, because every weight takes the same
+    value. The rule functions cover deterministic operators only, and Dropout is
+    removed before the collapse, so equal nodes give equal outputs.
+    """
+    kept: list[onnx.NodeProto] = []
+    first: dict[tuple, onnx.NodeProto] = {}
+    renamed: dict[str, str] = {}
+    graph_outputs = {value.name for value in graph.output}
+    for node in graph.node:
+        if any(name in renamed for name in node.input):
+            node.input[:] = [renamed.get(name, name) for name in node.input]
+        attributes = tuple(a.SerializeToString() for a in node.attribute)
+        key = (node.domain, node.op_type, tuple(node.input), attributes, len(node.output))
+        same = first.setdefault(key, node)
+        if same is node or graph_outputs.intersection(node.output):
+            kept.append(node)
+            continue
+        renamed.update(zip(node.output, same.output))
+    if len(kept) < len(graph.node):
+        log.debug("merged %d duplicate node(s) of the narrow graph", len(graph.node) - len(kept))
+        del graph.node[:]
+        graph.node.extend(kept)
+
+
 def narrow_model(
     model: onnx.ModelProto, weights: list[str], output: str
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, TensorType]]:
@@ -468,6 +496,7 @@ def narrow_model(
         nar.structures[node.output[0]] = rule(nar, node)
     _replace_box_filters(nar)
     _restore_output(nar, output)
+    _merge_duplicates(copy.graph)
     # Other outputs are narrow now, so their declared shapes no longer hold.
     kept = [value for value in copy.graph.output if value.name == output]
     del copy.graph.output[:]
