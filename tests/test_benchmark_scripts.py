@@ -125,3 +125,16 @@ def test_comparison_describe(torch_eager, torch_value, onnxeps_value, expected):
     assert comparison.describe() == expected
     one_side = (torch_value is None) != (onnxeps_value is None)
     assert comparison.definedness_differs == one_side
+
+
+def test_summary_table_uses_slower_run(torch_eager):
+    table = torch_eager.summary_table(10, 100.0, (2.0, 4.0))
+    assert table[-1] == "| 10 | 100.0 | 10.00 | 2.0, 4.0 | 0.400 | 25.0× |"
+
+
+def test_repeat_line_names_differing_cell(torch_eager):
+    records = {"a": {"epsilon": 0.5}, "b": {"epsilon": None}}
+    same = {"a": {"epsilon": 0.5}, "b": {"epsilon": None}}
+    changed = {"a": {"epsilon": 0.5}, "b": {"epsilon": 0.1}}
+    assert "same epsilon for every cell" in torch_eager.repeat_line(records, same)
+    assert "1 cells, e.g. b" in torch_eager.repeat_line(records, changed)
