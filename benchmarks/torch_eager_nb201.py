@@ -353,7 +353,7 @@ def summary_table(
 
 
 def repeat_line(records: dict[str, dict], repeat: dict[str, dict]) -> str:
-    """Say whether the two onnxeps runs gave the same epsilon for every cell."""
+    """Return a line that tells whether both onnxeps runs gave the same epsilons."""
     differing = [
         arch for arch, record in records.items()
         if record["epsilon"] != repeat[arch]["epsilon"]
@@ -361,7 +361,8 @@ def repeat_line(records: dict[str, dict], repeat: dict[str, dict]) -> str:
     if not differing:
         return "The two onnxeps runs gave the same epsilon for every cell."
     return (
-        f"The two onnxeps runs gave different epsilons for {len(differing)} cells, "
+        f"The two onnxeps runs gave different epsilons for {len(differing)} of "
+        f"{len(records)} cells, "
         f"e.g. {differing[0]}."
     )
 

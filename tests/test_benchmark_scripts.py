@@ -137,4 +137,4 @@ def test_repeat_line_names_differing_cell(torch_eager):
     same = {"a": {"epsilon": 0.5}, "b": {"epsilon": None}}
     changed = {"a": {"epsilon": 0.5}, "b": {"epsilon": 0.1}}
     assert "same epsilon for every cell" in torch_eager.repeat_line(records, same)
-    assert "1 cells, e.g. b" in torch_eager.repeat_line(records, changed)
+    assert "for 1 of 2 cells, e.g. b" in torch_eager.repeat_line(records, changed)
