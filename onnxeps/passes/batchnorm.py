@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from onnxeps.errors import RewriteError
-from onnxeps.graphs import consumer_map, iter_graphs, main_opset, node_label
+from onnxeps.graphs import iter_graphs, main_opset, node_label
 from onnxeps.infer import TensorType, infer_types
 from onnxeps.passes.base import NameScope
 
@@ -181,9 +181,22 @@ def _is_batchnorm(node: onnx.NodeProto) -> bool:
     return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
 
 
-def _check_outputs(node: onnx.NodeProto, consumers, graph_outputs: set[str]) -> None:
+def _read_statistics(model: onnx.ModelProto, batchnorms) -> set[str]:
+    """Return the running-statistics outputs of ``batchnorms`` that a node or a graph
+    output reads."""
+    statistics = {name for node in batchnorms for name in node.output[1:] if name}
+    if not statistics:
+        return set()
+    read = {v.name for ref in iter_graphs(model) for v in ref.graph.output}
+    read.update(
+        name for ref in iter_graphs(model) for node in ref.graph.node for name in node.input
+    )
+    return statistics & read
+
+
+def _check_outputs(node: onnx.NodeProto, read_statistics: set[str]) -> None:
     for name in node.output[1:]:
-        if name and (consumers.get(name) or name in graph_outputs):
+        if name in read_statistics:
             raise RewriteError(
                 f"BatchNormalization '{node_label(node)}' has its running "
                 f"statistics output '{name}' read by the graph; onnxeps cannot rewrite it "
@@ -204,8 +217,8 @@ class BatchNormToBatchStatistics:
 
     def __call__(self, model: onnx.ModelProto) -> bool:
         opset = main_opset(model)
-        inputs = [n.input[0] for ref in iter_graphs(model) for n in ref.graph.node if _is_batchnorm(n)]
-        if not inputs:
+        batchnorms = [n for ref in iter_graphs(model) for n in ref.graph.node if _is_batchnorm(n)]
+        if not batchnorms:
             return False
         if opset < _MIN_OPSET:
             raise RewriteError(
@@ -213,8 +226,8 @@ class BatchNormToBatchStatistics:
                 f"(onnxeps needs opset {_MIN_OPSET} or newer).",
                 "Convert the model with onnx.version_converter first.",
             )
-        consumers = consumer_map(model)
-        graph_outputs = {v.name for ref in iter_graphs(model) for v in ref.graph.output}
+        read_statistics = _read_statistics(model, batchnorms)
+        inputs = [node.input[0] for node in batchnorms]
         known = self.types is not None and all(name in self.types for name in inputs)
         types = self.types if known else infer_types(model)
         names = NameScope(model)
@@ -228,7 +241,7 @@ class BatchNormToBatchStatistics:
                 if not _is_batchnorm(node):
                     nodes.append(node)
                     continue
-                _check_outputs(node, consumers, graph_outputs)
+                _check_outputs(node, read_statistics)
                 nodes.extend(_replace(node, names, opset, types, shared))
             del ref.graph.node[:]
             ref.graph.node.extend(shared.nodes + nodes)

@@ -255,17 +255,15 @@ def _box_filter_nodes(nar: _Narrowing, node: onnx.NodeProto) -> list[onnx.NodePr
     return [channel_sum, pool]
 
 
-def _replace_box_filters(nar: _Narrowing) -> None:
-    if not nar.box_filters:
-        return
+def _replace_box_filters(nar: _Narrowing) -> list[onnx.NodeProto]:
+    """Return the graph's nodes with each box-filter convolution replaced."""
     nodes: list[onnx.NodeProto] = []
     for node in nar.graph.node:
         if node.op_type == "Conv" and node.output[0] in nar.box_filters:
             nodes.extend(_box_filter_nodes(nar, node))
         else:
             nodes.append(node)
-    del nar.graph.node[:]
-    nar.graph.node.extend(nodes)
+    return nodes
 
 
 def _batchnorm(nar: _Narrowing, node) -> Structure:
@@ -421,13 +419,14 @@ def _seed_inputs(nar: _Narrowing) -> None:
         nar.structures[value.name] = (1,) * channels
 
 
-def _restore_output(nar: _Narrowing, output: str) -> None:
-    """Repeat each narrow channel of the scored tensor to the full channel count."""
+def _restore_output(nar: _Narrowing, output: str, nodes: list[onnx.NodeProto]) -> None:
+    """Repeat each narrow channel of the scored tensor to the full channel count, with a
+    Gather appended to ``nodes``."""
     structure = nar.structures.get(output)
     if structure is None:
         raise NotCovered(f"the scored output '{output}' has no tracked channels")
     narrow = nar.names.fresh(f"{output}/narrow")
-    for node in nar.graph.node:
+    for node in nodes:
         for names in (node.output, node.input):
             if output in names:
                 names[:] = [narrow if name == output else name for name in names]
@@ -436,11 +435,14 @@ def _restore_output(nar: _Narrowing, output: str) -> None:
     nar.graph.initializer.append(tensor_from_array(indices, index_name))
     gather = helper.make_node("Gather", [narrow, index_name], [output], axis=1,
                               name=nar.names.fresh(f"{output}/Gather"))  # fmt: skip
-    nar.graph.node.append(gather)
+    nodes.append(gather)
 
 
-def _merge_duplicates(graph: onnx.GraphProto) -> None:
-    """Keep one of each set of nodes that compute the same operator on the same inputs.
+def _merge_duplicates(
+    nodes: list[onnx.NodeProto], graph_outputs: set[str]
+) -> list[onnx.NodeProto]:
+    """Return one of each set of nodes that compute the same operator on the same
+    inputs, with the readers of the others' outputs pointed at the one kept.
 
     Parallel branches that differ only in their weights, such as two convolutions of
     one tensor, become identical once narrow, because every weight takes the same
@@ -450,8 +452,7 @@ def _merge_duplicates(graph: onnx.GraphProto) -> None:
     kept: list[onnx.NodeProto] = []
     first: dict[tuple, onnx.NodeProto] = {}
     renamed: dict[str, str] = {}
-    graph_outputs = {value.name for value in graph.output}
-    for node in graph.node:
+    for node in nodes:
         if any(name in renamed for name in node.input):
             node.input[:] = [renamed.get(name, name) for name in node.input]
         attributes = tuple(a.SerializeToString() for a in node.attribute)
@@ -461,10 +462,8 @@ def _merge_duplicates(graph: onnx.GraphProto) -> None:
             kept.append(node)
             continue
         renamed.update(zip(node.output, same.output))
-    if len(kept) < len(graph.node):
-        log.debug("merged %d duplicate node(s) of the narrow graph", len(graph.node) - len(kept))
-        del graph.node[:]
-        graph.node.extend(kept)
+    log.debug("merged %d duplicate node(s) of the narrow graph", len(nodes) - len(kept))
+    return kept
 
 
 def narrow_model(
@@ -494,9 +493,12 @@ def narrow_model(
         if rule is None or node.domain not in ("", "ai.onnx"):
             raise NotCovered(f"operator {node.op_type} is not covered")
         nar.structures[node.output[0]] = rule(nar, node)
-    _replace_box_filters(nar)
-    _restore_output(nar, output)
-    _merge_duplicates(copy.graph)
+    nodes = _replace_box_filters(nar)
+    _restore_output(nar, output, nodes)
+    graph_outputs = {value.name for value in copy.graph.output}
+    kept = _merge_duplicates(nodes, graph_outputs)
+    del copy.graph.node[:]
+    copy.graph.node.extend(kept)
     # Other outputs are narrow now, so their declared shapes no longer hold.
     kept = [value for value in copy.graph.output if value.name == output]
     del copy.graph.output[:]
