@@ -8,6 +8,7 @@ reported. Records go to stdout (or -o FILE); logs, warnings and summaries to std
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -84,7 +85,9 @@ def score_command(models, list_path, input_path, synthetic, jobs, engine, addres
     except OnnxepsError as error:
         log.error("%s", error)
         sys.exit(1)
-    todo = [path for path in paths if path not in sink.previous]
+    # The same file written another way (./a.onnx, a.onnx, its absolute path) matches.
+    recorded = {os.path.abspath(model): record for model, record in sink.previous.items()}
+    todo = [path for path in paths if os.path.abspath(path) not in recorded]
     if len(todo) < len(paths):
         log.info("%s: %d models already recorded, %d to score", output_path, len(paths) - len(todo), len(todo))
     task = make_task(
@@ -94,7 +97,11 @@ def score_command(models, list_path, input_path, synthetic, jobs, engine, addres
     workers = jobs or default_jobs()
     records = score_into(sink, todo, task, workers=workers, engine=engine, address=address)
     if len(paths) > 1:
-        earlier = [sink.previous[path] for path in paths if path in sink.previous]
+        earlier = [
+            recorded[os.path.abspath(path)]
+            for path in paths
+            if os.path.abspath(path) in recorded
+        ]
         summarise(records + earlier, len(paths), quiet)
     if len(records) < len(todo):
         sys.exit(1)

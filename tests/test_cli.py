@@ -697,6 +697,16 @@ def test_score_resume_everything_done(tmp_path, square):
     assert target.read_text() == before
 
 
+def test_score_resume_matches_path_spelling(tmp_path, monkeypatch, square):
+    monkeypatch.chdir(Path(square).parent)
+    name = Path(square).name
+    target = tmp_path / "records.jsonl"
+    assert invoke("score", f"./{name}", "-o", str(target), "--batch-size", "8").exit_code == 0
+    resumed = invoke("score", name, "-o", str(target), "--batch-size", "8", "--resume", "-v")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert scored_models(resumed.stderr) == []
+
+
 def test_score_resume_missing_file_starts_it(tmp_path, square):
     target = tmp_path / "records.jsonl"
     result = invoke("score", square, "-o", str(target), "--batch-size", "8", "--resume")
