@@ -278,6 +278,11 @@ def synthetic_batch(
     for spec in input_specs(model):
         vocabulary = _vocabulary_size(spec, model, plan)
         chosen = _kind_for(spec, kind, vocabulary, spec.name in states)
+        if kind is not None and chosen != kind and not np.issubdtype(spec.dtype, np.floating):
+            warnings.append(
+                f"input '{spec.name}' is {np.dtype(spec.dtype).name}, so it gets "
+                f"{chosen} instead of the requested synthetic {kind}"
+            )
         shape, batch_axis = _resolve_shape(spec, batch_size, seq_len, warnings)
         feeds[spec.name] = _synthesise(spec, chosen, shape, batch_axis, rng, vocabulary)
         labels.append(f"{spec.name}={chosen}")

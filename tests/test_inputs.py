@@ -103,6 +103,18 @@ def test_synthetic_tokens_below_vocabulary():
     assert batch.description == "synthetic:tokens=tokens"
 
 
+def test_synthetic_grey_on_ids_warns():
+    batch = synthesise(_token_model(rows=10), "grey", batch_size=4)
+    assert batch.description == "synthetic:tokens=tokens"
+    assert batch.warnings == [
+        "input 'tokens' is int64, so it gets tokens instead of the requested synthetic grey"
+    ]
+
+
+def test_synthetic_default_kind_no_warning():
+    assert synthesise(_token_model(rows=10), batch_size=4).warnings == []
+
+
 def test_synthetic_tokens_single_letter_axes():
     # N names the batch axis even though S comes first.
     batch = synthesise(_token_model("S, N"), batch_size=6, seq_len=4)
