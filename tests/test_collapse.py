@@ -626,6 +626,56 @@ def test_narrow_parallel_convolutions_merged():
     assert len(pools) == 1
 
 
+def conv_bn_model(kernel, data_type=TensorProto.FLOAT, **conv) -> onnx.ModelProto:
+    """Conv (3 -> 4 channels, weights 1) -> BatchNormalization -> Tanh on 9x9 images."""
+    dtype = helper.tensor_dtype_to_np_dtype(data_type)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["conv"], **conv),
+        helper.make_node("BatchNormalization", ["conv", "s", "b", "m", "v"], ["bn"]),
+        helper.make_node("Tanh", ["bn"], ["y"]),
+    ]
+    ones, zeros = np.ones(4, dtype), np.zeros(4, dtype)
+    initializers = [
+        numpy_helper.from_array(np.ones((4, 3, *kernel), dtype), "w"),
+        *(numpy_helper.from_array(v, n) for n, v in zip("sbmv", (ones, zeros, zeros, ones))),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_bn", [helper.make_tensor_value_info("x", data_type, [8, 3, 9, 9])],
+        [helper.make_tensor_value_info("y", data_type, None)], initializers,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("kernel", "conv"),
+    [
+        ((3, 3), {"pads": [1, 1, 1, 1]}),
+        ((3, 3), {"pads": [3, 3, 3, 3]}),
+        ((1, 3), {"pads": [1, 1, 1, 1]}),
+        ((2, 2), {"auto_pad": "SAME_UPPER", "strides": [3, 3]}),
+        ((3, 3), {"auto_pad": "SAME_LOWER", "strides": [2, 2]}),
+    ],
+    ids=["pads-1", "pads-as-large-as-kernel", "pads-on-size-1-axis", "same-stride-3",
+         "same-lower-stride-2"],
+)  # fmt: skip
+def test_uniform_conv_padding_scores_equal(kernel, conv):
+    # ONNX Runtime's AveragePool rejects some paddings that Conv accepts, so those
+    # convolutions keep the dense narrow rule.
+    model = conv_bn_model(kernel, **conv)
+    settings = {"synthetic": "normal", "batch_size": BATCH}
+    collapsed = onnxeps.score(model, **settings)
+    full = onnxeps.score(model, **settings, collapse=False)
+    assert close(collapsed.epsilon, full.epsilon)
+
+
+def test_uniform_conv_float16_keeps_dense_weights():
+    # In float16, w * m * 9 overflows for m >= 7282 where w * m does not, so float16
+    # convolutions never become window means.
+    narrow = rewritten(*prepared(conv_bn_model((3, 3), TensorProto.FLOAT16, pads=[1] * 4)), True)
+    assert narrow.narrowed
+    assert "AveragePool" not in {node.op_type for node in narrow.model.graph.node}
+
+
 # ----- fallback on uncovered models -----
 
 

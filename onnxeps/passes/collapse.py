@@ -45,6 +45,7 @@ _POOLING = frozenset(
      "GlobalLpPool"}
 )  # fmt: skip
 _ELEMENTWISE_NARY = frozenset({"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean"})
+_BOX_FILTER_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE})
 
 
 class NotCovered(Exception):
@@ -193,7 +194,7 @@ def _conv(nar: _Narrowing, node) -> Structure:
     c_out, per_group, *kernel = weight.dims
     group = _attribute(node, "group", 1)
     narrow_in = len(x)
-    if group == 1 and per_group == sum(x) and _is_box_filter(node, kernel):
+    if group == 1 and per_group == sum(x) and _is_box_filter(node, kernel, weight.data_type):
         # A uniform kernel: a window sum of the input channels weighted by w * m_k.
         window = int(np.prod(kernel))
         multiplier = np.asarray(x, dtype=np.float64) * window
@@ -215,11 +216,28 @@ def _conv(nar: _Narrowing, node) -> Structure:
     raise NotCovered(f"{_label(node)} is a grouped convolution (group {group})")
 
 
-def _is_box_filter(node: onnx.NodeProto, kernel: list[int]) -> bool:
+def _is_box_filter(node: onnx.NodeProto, kernel: list[int], data_type: int) -> bool:
     """Return whether a narrow convolution is a window sum that average pooling computes
-    faster: a kernel larger than 1x1 and no dilation."""
-    dilations = _attribute(node, "dilations", [1] * len(kernel))
-    return int(np.prod(kernel)) > 1 and all(d == 1 for d in dilations)
+    faster: a kernel larger than 1x1, no dilation, and padding that ONNX Runtime's
+    AveragePool accepts.
+
+    Only float32 and float64 weights qualify, because the weight w * m * (window size)
+    overflows float16 where the convolution's own weight w * m does not.
+    """
+    if data_type not in _BOX_FILTER_TYPES or int(np.prod(kernel)) <= 1:
+        return False
+    if any(d != 1 for d in _attribute(node, "dilations", [1] * len(kernel))):
+        return False
+    # ONNX Runtime's AveragePool rejects a pad as large as the kernel, and the negative
+    # padding that SAME padding computes for a stride larger than the kernel.
+    pads = _attribute(node, "pads", [0] * 2 * len(kernel))
+    if any(pad >= kernel[axis % len(kernel)] for axis, pad in enumerate(pads)):
+        return False
+    auto_pad = _attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    strides = _attribute(node, "strides", [1] * len(kernel))
+    same = auto_pad in ("SAME_UPPER", "SAME_LOWER")
+    return not same or all(stride <= size for stride, size in zip(strides, kernel))
 
 
 def _box_filter_nodes(nar: _Narrowing, node: onnx.NodeProto) -> list[onnx.NodeProto]:
