@@ -7,7 +7,6 @@ initial weights, and assembles a checked opset-17 model.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import secrets
@@ -55,6 +54,10 @@ EXPORT_SETTINGS_KEY = "onnxeps.export_settings"
 MAX_MODEL_BYTES = 2**31 - 1
 
 Initializer = Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]
+
+# Node attributes made so far, by _attribute_key. The converters use a few dozen.
+_ATTRIBUTES: dict[tuple, onnx.AttributeProto] = {}
+_MAX_CACHED_ATTRIBUTES = 4096
 
 
 def he_normal(fan_in: int) -> Initializer:
@@ -224,7 +227,8 @@ class GraphBuilder:
         outputs: Sequence[onnx.ValueInfoProto],
         metadata: Mapping[str, str],
     ) -> onnx.ModelProto:
-        """Assemble, annotate and check the model.
+        """Assemble, annotate and check the model. Call it once: the nodes and
+        initializers were written into the returned model as they were added.
 
         ``metadata`` must contain the encoding and the converter id. The role table of
         every float initializer is added under ``onnxeps.roles``.
@@ -258,19 +262,29 @@ class GraphBuilder:
 def _attribute(key: str, value: Any) -> onnx.AttributeProto:
     """Return a node attribute, made once per name and value when the value is a
     number, a string or a list of numbers (most attributes of a network repeat)."""
+    cache_key = _attribute_key(key, value)
+    if cache_key is None:
+        return helper.make_attribute(key, value)
+    if cache_key not in _ATTRIBUTES:
+        if len(_ATTRIBUTES) >= _MAX_CACHED_ATTRIBUTES:
+            _ATTRIBUTES.clear()
+        _ATTRIBUTES[cache_key] = helper.make_attribute(key, value)
+    return _ATTRIBUTES[cache_key]
+
+
+def _attribute_key(key: str, value: Any) -> tuple | None:
+    """Return a cache key that tells apart every two values that make different
+    attributes (1 and 1.0, 0.0 and -0.0), or None for a value that is not cached."""
     if type(value) in (int, float, str):
-        return _cached_attribute(key, type(value), value)
+        return key, _typed(value)
     if isinstance(value, list) and all(type(item) in (int, float) for item in value):
-        return _cached_attribute(key, list, tuple((type(item), item) for item in value))
-    return helper.make_attribute(key, value)
+        return key, list, tuple(_typed(item) for item in value)
+    return None
 
 
-@functools.lru_cache(maxsize=1024)
-def _cached_attribute(key: str, kind: type, value: Any) -> onnx.AttributeProto:
-    # The types are part of the cache key, because 1 and 1.0 make different attributes.
-    if kind is list:
-        value = [item for _, item in value]
-    return helper.make_attribute(key, value)
+def _typed(value: int | float | str) -> tuple:
+    # float.hex keeps the sign of zero and gives NaN a key equal to itself.
+    return (float, value.hex()) if type(value) is float else (type(value), value)
 
 
 def _constant_role(value: np.ndarray) -> str | None:

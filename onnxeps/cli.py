@@ -85,9 +85,10 @@ def score_command(models, list_path, input_path, synthetic, jobs, engine, addres
     except OnnxepsError as error:
         log.error("%s", error)
         sys.exit(1)
-    # The same file written another way (./a.onnx, a.onnx, its absolute path) matches.
-    recorded = {os.path.abspath(model): record for model, record in sink.previous.items()}
-    todo = [path for path in paths if os.path.abspath(path) not in recorded]
+    # Paths match as written up to spelling (./a.onnx is a.onnx). A relative path is not
+    # resolved, because the records may come from a run in another folder.
+    recorded = {os.path.normpath(model): record for model, record in sink.previous.items()}
+    todo = [path for path in paths if os.path.normpath(path) not in recorded]
     if len(todo) < len(paths):
         log.info("%s: %d models already recorded, %d to score", output_path, len(paths) - len(todo), len(todo))
     task = make_task(
@@ -98,9 +99,9 @@ def score_command(models, list_path, input_path, synthetic, jobs, engine, addres
     records = score_into(sink, todo, task, workers=workers, engine=engine, address=address)
     if len(paths) > 1:
         earlier = [
-            recorded[os.path.abspath(path)]
+            recorded[os.path.normpath(path)]
             for path in paths
-            if os.path.abspath(path) in recorded
+            if os.path.normpath(path) in recorded
         ]
         summarise(records + earlier, len(paths), quiet)
     if len(records) < len(todo):

@@ -77,7 +77,8 @@ class _InferredTypes(Mapping[str, TensorType]):
         self._values: dict[str, onnx.ValueInfoProto | onnx.TensorProto] = {}
         for graph in graphs:
             for value in [*graph.input, *graph.output, *graph.value_info]:
-                self._values[value.name] = value
+                if value.type.HasField("tensor_type"):
+                    self._values[value.name] = value
             for tensor in graph.initializer:
                 self._values[tensor.name] = tensor
         self._types: dict[str, TensorType | None] = {}

@@ -707,6 +707,22 @@ def test_score_resume_matches_path_spelling(tmp_path, monkeypatch, square):
     assert scored_models(resumed.stderr) == []
 
 
+def test_score_resume_relative_record_other_folder(tmp_path, monkeypatch):
+    # A record of 'a.onnx' written from folder A says nothing about B's a.onnx.
+    first, second = tmp_path / "A", tmp_path / "B"
+    first.mkdir()
+    second.mkdir()
+    write_model(first, "a.onnx", _SQUARE)
+    other = write_model(second, "a.onnx", _SQUARE)
+    target = tmp_path / "records.jsonl"
+    monkeypatch.chdir(first)
+    assert invoke("score", "a.onnx", "-o", str(target), "--batch-size", "8").exit_code == 0
+    monkeypatch.chdir(second)
+    resumed = invoke("score", other, "-o", str(target), "--batch-size", "8", "--resume", "-v")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert scored_models(resumed.stderr) == [other]
+
+
 def test_score_resume_missing_file_starts_it(tmp_path, square):
     target = tmp_path / "records.jsonl"
     result = invoke("score", square, "-o", str(target), "--batch-size", "8", "--resume")
