@@ -305,7 +305,7 @@ def run_bench(
     inputs: Path | None = None,
     metric_column: str | None = None,
     progress: Callable[[int, int], None] | None = None,
-    jobs: int = 1,
+    jobs: int | None = 1,
     cache: bool = False,
     engine: str = "local",
     address: str | None = None,
@@ -316,8 +316,9 @@ def run_bench(
 
     ``sample`` None scores every architecture in the table. ``options`` go to
     :func:`onnxeps.score` (synthetic, batch_size, weights, seed, device, ...). ``jobs``
-    worker processes build and score the models (one: in this process), on the
-    ``engine`` "local" or "ray" (at ``address``); ``cache`` uses the result cache, and
+    worker processes build and score the models (one: in this process; None: one per
+    CPU core, or per CPU of the Ray cluster), on the ``engine`` "local" or "ray" (at
+    ``address``); ``cache`` uses the result cache, and
     ``worker_setup`` runs once in each worker.
     """
     space = SPACES[space_name]
@@ -327,7 +328,7 @@ def run_bench(
         inputs, options | {"preset": space.preset}, cache=cache, setup=worker_setup
     )
     run = {"workers": jobs, "engine": engine, "address": address}
-    if jobs > 1 or engine != "local":
+    if engine != "local" or jobs is None or jobs > 1:
         _import_statistics_early()
     started = time.perf_counter()
     result = BenchResult()

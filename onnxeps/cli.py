@@ -42,7 +42,7 @@ from onnxeps.cli_score import (
     summarise,
 )
 from onnxeps.converters.cli import convert
-from onnxeps.engine import default_jobs, make_task
+from onnxeps.engine import make_task
 from onnxeps.errors import OnnxepsError
 from onnxeps.inputs import SYNTHETIC_KINDS
 from onnxeps.presets import PRESETS
@@ -95,8 +95,7 @@ def score_command(models, list_path, input_path, synthetic, jobs, engine, addres
         input_path, options | {"synthetic": synthetic}, cache=use_cache,
         setup=partial(configure_logging, verbose, quiet),
     )  # fmt: skip
-    workers = jobs or default_jobs()
-    records = score_into(sink, todo, task, workers=workers, engine=engine, address=address)
+    records = score_into(sink, todo, task, workers=jobs, engine=engine, address=address)
     if len(paths) > 1:
         earlier = [
             recorded[os.path.normpath(path)]
@@ -179,7 +178,7 @@ def bench_command(space, truth, sample, sample_seed, input_path, synthetic, reco
         result = run_bench(
             space, Path(truth), sample=size, sample_seed=sample_seed,
             inputs=Path(input_path) if input_path else None, synthetic=synthetic,
-            progress=update, jobs=jobs or default_jobs(), cache=use_cache,
+            progress=update, jobs=jobs, cache=use_cache,
             engine=engine, address=address,
             worker_setup=partial(configure_logging, verbose, quiet), **options,
         )  # fmt: skip

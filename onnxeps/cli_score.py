@@ -119,7 +119,7 @@ def expand_models(arguments: Sequence[str], list_path: str | None) -> list[str]:
 def engine_options(function):
     """Add -j/--jobs, --engine, --address and --no-cache."""
     options = [
-        click.option("-j", "--jobs", type=click.IntRange(min=1), help=f"Worker processes, each scoring one model at a time; 1 scores in this process. [default: one per CPU core, here {default_jobs()}]"),
+        click.option("-j", "--jobs", type=click.IntRange(min=1), help=f"Worker processes, each scoring one model at a time; 1 scores in this process. [default: one per CPU core, here {default_jobs()}, or with --engine ray one per CPU of the cluster]"),
         click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True, help="Where the workers run: local processes, or a Ray cluster (needs ray)."),
         click.option("--address", help="Address of the Ray cluster for --engine ray. [default: a local Ray instance]"),
         click.option("--no-cache", "use_cache", flag_value=False, default=True, help="Neither read nor write the result cache ($ONNXEPS_CACHE_DIR, else $XDG_CACHE_HOME/onnxeps, else ~/.cache/onnxeps)."),
@@ -352,7 +352,7 @@ def summarise(records: list[dict], total: int, quiet: int) -> None:
     )
 
 
-def score_into(sink, paths: list[str], task: Task, *, workers: int, engine: str, address) -> list[dict]:
+def score_into(sink, paths: list[str], task: Task, *, workers: int | None, engine: str, address) -> list[dict]:
     """Score the paths through the engine into the sink and return the new records.
 
     An engine that fails to start, or a failed write to a streamed file, exits with

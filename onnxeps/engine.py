@@ -462,7 +462,7 @@ def _mapper(engine: str):
     raise ValueError(f"unknown engine {engine!r}; valid engines: {', '.join(ENGINES)}")
 
 
-def worker_threads(engine: str, workers: int) -> int | None:
+def worker_threads(engine: str, workers: int | None) -> int | None:
     """Return the ONNX Runtime intra-op threads of one worker, so workers share the cores.
 
     None keeps the runtime's default of one thread per physical core.
@@ -474,7 +474,7 @@ def worker_threads(engine: str, workers: int) -> int | None:
     return max(1, default_jobs() // workers)
 
 
-def _share_machine(task: Task, engine: str, workers: int) -> Task:
+def _share_machine(task: Task, engine: str, workers: int | None) -> Task:
     """Share the cores, and on this machine the memory, among the workers."""
     options = dict(task.options)
     if options.get("threads") is None:
@@ -489,18 +489,22 @@ def run_jobs(
     jobs: Sequence[Job],
     task: Task,
     *,
-    workers: int,
+    workers: int | None,
     engine: str = "local",
     address: str | None = None,
 ) -> Iterator[Outcome]:
     """Score the jobs on ``workers`` workers and yield each outcome as it completes.
 
-    With one local worker the jobs run in this process, in order. Unless the task
+    ``workers`` None means one per CPU core here, or with the Ray engine one per CPU
+    of the cluster. With one local worker the jobs run in this process, in order. Unless the task
     sets ``threads``, each worker's ONNX Runtime gets :func:`worker_threads` threads.
     Records scored in this run are written to the cache here, in the calling process;
     workers only read it.
     """
-    workers = max(1, min(workers, len(jobs)))
+    if workers is None and engine == "local":
+        workers = default_jobs()
+    if workers is not None:
+        workers = max(1, min(workers, len(jobs)))
     task = _share_machine(task, engine, workers)
     cache = ResultCache(task.cache_dir) if task.cache_dir is not None else None
     hits = 0
@@ -532,7 +536,8 @@ def score_many(
 ) -> Iterator[ScoreResult | ScoreFailure]:
     """Score model files in parallel and yield each result as it completes.
 
-    ``jobs`` worker processes (default: one per CPU core) score the models with
+    ``jobs`` worker processes (default: one per CPU core, or per CPU of the Ray
+    cluster) score the models with
     ``inputs`` and ``score_options`` as :func:`onnxeps.score` takes them. Each worker
     receives ``inputs`` once. A model that cannot be scored yields a
     :class:`ScoreFailure` naming it. ``cache`` reads and writes the result cache
@@ -542,8 +547,7 @@ def score_many(
     """
     job_list = [Job.file(model) for model in models]
     task = make_task(inputs, score_options, cache=cache)
-    workers = jobs if jobs is not None else default_jobs()
-    for outcome in run_jobs(job_list, task, workers=workers, engine=engine, address=address):
+    for outcome in run_jobs(job_list, task, workers=jobs, engine=engine, address=address):
         if outcome.error is not None:
             yield ScoreFailure(outcome.label, outcome.error)
         else:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import ray_helpers
 
-from onnxeps.engine import Job, make_task, run_job, start_worker
+from onnxeps.engine import Job, make_task, run_job, run_jobs, start_worker
 from onnxeps.errors import OnnxepsError
 from onnxeps.ray_engine import (
     TASKS_PER_WORKER,
@@ -279,6 +279,17 @@ def _sample_cells(data_dir: Path) -> list[str]:
     with open(data_dir / "nb201" / "nb201_accuracy.csv", newline="") as table:
         arch_strings = [row["arch_str"] for row in csv.DictReader(table)]
     return random.Random(PARITY_SEED).sample(arch_strings, PARITY_CELLS)
+
+
+def test_run_jobs_default_workers_on_ray(ray_instance, data_dir):
+    # Without a worker count the Ray engine keeps every CPU of the cluster busy.
+    cells = _sample_cells(data_dir)[:4]
+    jobs = [Job.encoded(arch, "nb201", arch) for arch in cells]
+    images = str(data_dir / "inputs" / "cifar10_256.npz")
+    task = make_task(images, {"preset": "nb201", "batch_size": 8}, cache=False)
+    outcomes = list(run_jobs(jobs, task, workers=None, engine="ray"))
+    assert sorted(outcome.index for outcome in outcomes) == [0, 1, 2, 3]
+    assert [outcome.error for outcome in outcomes] == [None] * 4
 
 
 def _without_seconds(record: dict) -> dict:
