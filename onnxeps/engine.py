@@ -496,8 +496,9 @@ def run_jobs(
     """Score the jobs on ``workers`` workers and yield each outcome as it completes.
 
     ``workers`` None means one per CPU core here, or with the Ray engine one per CPU
-    of the cluster. With one local worker the jobs run in this process, in order. Unless the task
-    sets ``threads``, each worker's ONNX Runtime gets :func:`worker_threads` threads.
+    of the cluster. With one local worker the jobs run in this process, in order.
+    Unless the task sets ``threads``, each worker's ONNX Runtime gets
+    :func:`worker_threads` threads.
     Records scored in this run are written to the cache here, in the calling process;
     workers only read it.
     """
