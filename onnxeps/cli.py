@@ -40,6 +40,7 @@ from onnxeps.cli_score import (
     open_records,
     score_into,
     summarise,
+    warn_mixed_settings,
 )
 from onnxeps.converters.cli import convert
 from onnxeps.engine import make_task
@@ -96,6 +97,7 @@ def score_command(models, list_path, input_path, synthetic, jobs, engine, addres
         setup=partial(configure_logging, verbose, quiet),
     )  # fmt: skip
     records = score_into(sink, todo, task, workers=jobs, engine=engine, address=address)
+    warn_mixed_settings(output_path, sink.previous.values(), records)
     if len(paths) > 1:
         earlier = [
             recorded[os.path.normpath(path)]

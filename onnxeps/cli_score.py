@@ -35,6 +35,7 @@ __all__ = [
     "open_records",
     "score_into",
     "summarise",
+    "warn_mixed_settings",
 ]
 
 log = logging.getLogger("onnxeps")
@@ -253,6 +254,36 @@ def _read_records(path: Path, fmt: str, columns: Sequence[str]) -> list[dict]:
 
 def _csv_line(record: dict, columns: Sequence[str]) -> str:
     return render([record], "csv", columns).split("\n", 1)[1]
+
+
+# Record fields that describe how a model was scored, which a resumed run should share.
+_SETTING_KEYS = ("weights", "batch_size", "preset")
+
+
+def _cell(value) -> str:
+    """Return a value as the text of its CSV cell, so that records read back from a
+    CSV file (all text) compare equal to the records they were written from."""
+    return _csv_line({"value": value}, ["value"]).strip().strip('"')
+
+
+def _either(cells: list[str]) -> str:
+    return " or ".join(cell or "none" for cell in cells)
+
+
+def warn_mixed_settings(path: str, kept, new) -> None:
+    """Warn when the records that --resume kept were scored with other weights, batch
+    size or preset than the records of this run."""
+    changed = []
+    for key in _SETTING_KEYS:
+        before = sorted({_cell(record.get(key)) for record in kept})
+        now = sorted({_cell(record.get(key)) for record in new})
+        if before and now and before != now:
+            changed.append(f"{key} {_either(before)} before, {_either(now)} now")
+    if changed:
+        log.warning(
+            "%s now mixes settings: %s. Rerun without --resume to score every model "
+            "the same way.", path, "; ".join(changed),
+        )  # fmt: skip
 
 
 class StreamedRecords:

@@ -723,6 +723,21 @@ def test_score_resume_relative_record_other_folder(tmp_path, monkeypatch):
     assert scored_models(resumed.stderr) == [other]
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_score_resume_other_batch_size_warns(tmp_path, suffix):
+    first = write_model(tmp_path, "a.onnx", _SQUARE)
+    second = write_model(tmp_path, "b.onnx", _SQUARE)
+    target = tmp_path / f"records.{suffix}"
+    assert invoke("score", first, "-o", str(target), "--batch-size", "8").exit_code == 0
+    same = invoke("score", first, second, "-o", str(target), "--batch-size", "8", "--resume")
+    assert same.exit_code == 0, same.stderr
+    assert "mixes settings" not in same.stderr
+    third = write_model(tmp_path, "c.onnx", _SQUARE)
+    other = invoke("score", first, third, "-o", str(target), "--batch-size", "4", "--resume")
+    assert other.exit_code == 0, other.stderr
+    assert "now mixes settings: batch_size 8 before, 4 now." in other.stderr
+
+
 def test_score_resume_missing_file_starts_it(tmp_path, square):
     target = tmp_path / "records.jsonl"
     result = invoke("score", square, "-o", str(target), "--batch-size", "8", "--resume")
