@@ -60,14 +60,18 @@ def _screen_all(models, input_path, latency_runs, options) -> list[dict]:
     return records
 
 
-def _summarise(records: list[dict], total: int, cost_column: str) -> None:
+def _summarise(records: list[dict], total: int, cost_column: str, quiet: int) -> None:
+    """Print the coverage line to stderr (a summary, not a warning), unless -q."""
+    if quiet:
+        return
     defined = sum(1 for r in records if r["epsilon"] is not None)
     front = sum(1 for r in records if r["pareto"])
-    log.warning(
-        "coverage: %d/%d models have a defined epsilon (%d undefined, %d failed); "
-        "%d on the Pareto front of epsilon against %s",
-        defined, total, len(records) - defined, total - len(records), front, cost_column,
-    )  # fmt: skip
+    click.echo(
+        f"coverage: {defined}/{total} models have a defined epsilon "
+        f"({len(records) - defined} undefined, {total - len(records)} failed); {front} "
+        f"on the Pareto front of epsilon against {cost_column}",
+        err=True,
+    )
 
 
 @click.command("screen")
@@ -93,7 +97,7 @@ def screen_command(models, latency_runs, cost_column, plot_path, input_path, syn
     write_or_fail(text, output_path)
     log.info("%s", MACS_CONVENTION)
     if len(models) > 1:
-        _summarise(records, len(models), cost_column)
+        _summarise(records, len(models), cost_column, quiet)
     if plot_path is not None:
         try:
             pareto_plot(records, cost_column, plot_path)

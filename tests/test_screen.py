@@ -350,6 +350,16 @@ def test_screen_pareto_by_params(tmp_path, chain_path):
     assert isinstance(records[1]["pareto"], bool)
 
 
+def test_screen_coverage_line_not_warning(tmp_path, chain_path):
+    grouped = save(grouped_conv_matmul_model(), tmp_path, "grouped.onnx")
+    args = [chain_path, grouped, "--batch-size", "8", "--latency-runs", "0"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "coverage: 2/2 models have a defined epsilon" in result.stderr
+    assert "warning: coverage" not in result.stderr
+    assert "coverage" not in invoke(*args, "-q").stderr
+
+
 # ----- failures and the plot -----
 
 
