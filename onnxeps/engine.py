@@ -25,6 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
+from multiprocessing import forkserver
 from typing import TypeVar
 
 import onnx
@@ -304,12 +305,34 @@ def _new_executor(workers: int, initializer) -> ProcessPoolExecutor:
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(_WORKER_MODULES)
+        _start_fork_server()
     else:
         context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(
         workers, mp_context=context, initializer=_start_pool_worker,
         initargs=(initializer, os.getpid()),
     )  # fmt: skip
+
+
+def _start_fork_server() -> None:
+    """Start the fork server, if it is not running, without the current folder on its
+    module path.
+
+    The server runs ``python -c``, which puts the current folder first on ``sys.path``,
+    and Python 3.11 imports the preloaded modules there before it applies this
+    process's path. Started in a source checkout, the server would import the
+    ``onnxeps`` folder of the checkout instead of the installed package, and every
+    worker would fail. PYTHONSAFEPATH (Python 3.11 and later) keeps the folder off.
+    """
+    previous = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        forkserver.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONSAFEPATH"]
+        else:
+            os.environ["PYTHONSAFEPATH"] = previous
 
 
 def _terminate(executor: ProcessPoolExecutor) -> None:

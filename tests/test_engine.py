@@ -6,6 +6,9 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -90,6 +93,25 @@ def score_task(cache: bool = True):
 
 
 # ----- process_map -----
+
+
+def test_pool_ignores_package_in_current_folder(tmp_path):
+    # Run from a folder with its own onnxeps package, such as a source checkout, the
+    # workers must still import the installed onnxeps. The fork server runs python -c,
+    # which puts the current folder first on its module path.
+    decoy = tmp_path / "onnxeps"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text('raise RuntimeError("imported the decoy package")\n')
+    paths = [write_model(tmp_path, name) for name in ("a.onnx", "b.onnx")]
+    command = Path(sys.executable).with_name("onnxeps")
+    run = subprocess.run(
+        [str(command), "score", *paths, "-j", "2", "--batch-size", str(BATCH),
+         "--no-cache", "--format", "json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "decoy" not in run.stderr
+    assert len(run.stdout.splitlines()) == 2
 
 
 def test_map_in_process_keeps_order():
