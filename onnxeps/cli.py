@@ -91,7 +91,7 @@ def score_command(models, list_path, input_path, synthetic, jobs, engine, addres
     recorded = {os.path.normpath(model): record for model, record in sink.previous.items()}
     todo = [path for path in paths if os.path.normpath(path) not in recorded]
     if len(todo) < len(paths):
-        log.info("%s: %d models already recorded, %d to score", output_path, len(paths) - len(todo), len(todo))
+        log.info("%s: %d of %d models already recorded", output_path, len(paths) - len(todo), len(paths))
     task = make_task(
         input_path, options | {"synthetic": synthetic}, cache=use_cache,
         setup=partial(configure_logging, verbose, quiet),

@@ -336,7 +336,8 @@ def _pick_arrays(specs, arrays: dict[str, np.ndarray], origin: str) -> dict[str,
         raise InputError(
             f"{origin}: no array for model inputs {', '.join(missing)} (arrays: "
             f"{', '.join(sorted(arrays)) or 'none'}).",
-            "Store one array per model input, named after the input.",
+            "Store one array per model input, named after the input, in an .npz file "
+            "(a .npy file holds one array).",
         )
     return {spec.name: arrays[spec.name] for spec in specs}
 
@@ -471,7 +472,9 @@ def _batch_for_specs(specs, arrays, origin, description, batch_size, mean, std) 
                 raise InputError(
                     f"{origin}: the array for input '{spec.name}' contains "
                     f"{array.shape[axis]} samples, fewer than --batch-size "
-                    f"{batch_size}."
+                    f"{batch_size}.",
+                    f"Pass --batch-size {array.shape[axis]} or less, or leave it out to "
+                    "score every sample.",
                 )
             array = array[(slice(None),) * axis + (slice(0, batch_size),)]
         feeds[spec.name] = _check_array(spec, array, origin)

@@ -362,7 +362,8 @@ def test_arrays_too_few_samples_raises():
     arrays = {"x": np.zeros((2, 3))}
     with pytest.raises(
         InputError,
-        match="input 'img' contains 2 samples, fewer than --batch-size 4",
+        match="input 'img' contains 2 samples, fewer than --batch-size 4. Pass "
+        "--batch-size 2 or less",
     ):
         batch_from_arrays(make_model(_ONE_INPUT), arrays, "in.npy", "d", 4)
 
