@@ -199,7 +199,10 @@ def _load_path(path: Path, label: str) -> LoadedModel:
     if not path.exists():
         raise ModelLoadError(f"{label}: file not found.")
     if not path.is_file():
-        raise ModelLoadError(f"{label}: not a file.")
+        raise ModelLoadError(
+            f"{label}: not a file.",
+            "Pass the path of an .onnx file (onnxeps score also takes folders).",
+        )
     model = _parse(path, label)
     _check_strings(model, label)
     locations = _external_locations(model)

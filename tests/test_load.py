@@ -60,7 +60,7 @@ def test_load_missing_file_raises(tmp_path):
 
 
 def test_load_folder_raises(tmp_path):
-    with pytest.raises(ModelLoadError, match="not a file"):
+    with pytest.raises(ModelLoadError, match="not a file. Pass the path of an .onnx file"):
         load_model(tmp_path)
 
 
