@@ -353,7 +353,7 @@ def summary_table(
 
 
 def repeat_line(records: dict[str, dict], repeat: dict[str, dict]) -> str:
-    """Return a line that tells whether both onnxeps runs gave the same epsilons."""
+    """Return a line reporting whether both onnxeps runs gave the same epsilons."""
     differing = [
         arch for arch, record in records.items()
         if record["epsilon"] != repeat[arch]["epsilon"]

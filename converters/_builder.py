@@ -273,7 +273,7 @@ def _attribute(key: str, value: Any) -> onnx.AttributeProto:
 
 
 def _attribute_key(key: str, value: Any) -> tuple | None:
-    """Return a cache key that tells apart every two values that make different
+    """Return a cache key that differs for any two values that make different
     attributes (1 and 1.0, 0.0 and -0.0), or None for a value that is not cached."""
     if type(value) in (int, float, str):
         return key, _typed(value)

@@ -270,13 +270,19 @@ def _either(cells: list[str]) -> str:
     return " or ".join(cell or "none" for cell in cells)
 
 
-def warn_mixed_settings(path: str, kept, new) -> None:
+def _cells(records, key: str) -> list[str]:
+    """Return the distinct CSV cells of one field, rendering each distinct value once."""
+    distinct = {repr(record.get(key)): record.get(key) for record in records}
+    return sorted({_cell(value) for value in distinct.values()})
+
+
+def warn_mixed_settings(path: str, kept_records, new_records) -> None:
     """Warn when the records that --resume kept were scored with other weights, batch
     size or preset than the records of this run."""
     changed = []
     for key in _SETTING_KEYS:
-        before = sorted({_cell(record.get(key)) for record in kept})
-        now = sorted({_cell(record.get(key)) for record in new})
+        before = _cells(kept_records, key)
+        now = _cells(new_records, key)
         if before and now and before != now:
             changed.append(f"{key} {_either(before)} before, {_either(now)} now")
     if changed:

@@ -708,7 +708,7 @@ def test_score_resume_matches_path_spelling(tmp_path, monkeypatch, square):
 
 
 def test_score_resume_relative_record_other_folder(tmp_path, monkeypatch):
-    # A record of 'a.onnx' written from folder A says nothing about B's a.onnx.
+    # A record of 'a.onnx' written from folder A does not cover B's a.onnx.
     first, second = tmp_path / "A", tmp_path / "B"
     first.mkdir()
     second.mkdir()

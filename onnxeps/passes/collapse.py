@@ -465,9 +465,9 @@ def _merge_duplicates(
     Parallel branches that differ only in their weights, such as two convolutions of
     one tensor, become identical once narrow, because every weight takes the same
     value. The rule functions cover deterministic operators only, and Dropout is
-    removed before the collapse, so equal nodes give equal outputs.
+    replaced by an identity before the collapse, so equal nodes give equal outputs.
     """
-    kept: list[onnx.NodeProto] = []
+    unique: list[onnx.NodeProto] = []
     first: dict[tuple, onnx.NodeProto] = {}
     renamed: dict[str, str] = {}
     for node in nodes:
@@ -477,11 +477,11 @@ def _merge_duplicates(
         key = (node.domain, node.op_type, tuple(node.input), attributes, len(node.output))
         same = first.setdefault(key, node)
         if same is node or graph_outputs.intersection(node.output):
-            kept.append(node)
+            unique.append(node)
             continue
         renamed.update(zip(node.output, same.output))
-    log.debug("merged %d duplicate node(s) of the narrow graph", len(nodes) - len(kept))
-    return kept
+    log.debug("merged %d duplicate node(s) of the narrow graph", len(nodes) - len(unique))
+    return unique
 
 
 def narrow_model(
@@ -514,9 +514,9 @@ def narrow_model(
     nodes = _replace_box_filters(nar)
     _restore_output(nar, output, nodes)
     graph_outputs = {value.name for value in copy.graph.output}
-    kept = _merge_duplicates(nodes, graph_outputs)
+    unique = _merge_duplicates(nodes, graph_outputs)
     del copy.graph.node[:]
-    copy.graph.node.extend(kept)
+    copy.graph.node.extend(unique)
     # Other outputs are narrow now, so their declared shapes no longer hold.
     kept = [value for value in copy.graph.output if value.name == output]
     del copy.graph.output[:]
